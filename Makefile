@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv first.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-fast lint typecheck bench clean
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	VENV=$(VENV) scripts/setup.sh
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/fedllama simulate simulations/configs/demo.yaml
+
+# Everything that runs without a GPU: unit tests and the end-to-end simulations.
+test: setup
+	$(BIN)/pytest -m "not gpu" -q
+
+test-fast: setup
+	$(BIN)/pytest -m "not gpu and not slow" -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy fedllama strategies
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

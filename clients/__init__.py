@@ -1,0 +1,1 @@
+"""fedllama's Flower ClientApp."""

@@ -1,0 +1,19 @@
+"""fedllama: federated QLoRA fine-tuning of LLaMA-family models on Flower."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+__version__ = "0.1.0"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Send fedllama's log lines to stderr once per process (Ray actors included)."""
+    logger = logging.getLogger("fedllama")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s fedllama %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(os.environ.get("FEDLLAMA_LOG_LEVEL", level))

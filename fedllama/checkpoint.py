@@ -1,0 +1,122 @@
+"""Run directory: per-round PEFT adapters, server state, metrics, and resume.
+
+Layout of ``output.dir``::
+
+    config.yaml              the resolved config of the run
+    metrics.jsonl            one JSON object per round (round 0 = before training)
+    round-000/               the initial global adapter
+    round-NNN/               after round NNN:
+        adapter_config.json, adapter_model.safetensors   a PEFT adapter (loads with peft)
+        server_state.safetensors                         the strategy's global state
+    loss.png                 eval/train loss per round
+
+A round directory is written under a temporary name and renamed when complete, so a crash never
+leaves a half-written round that resume would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from fedllama import adapters
+from fedllama.adapters import AdapterState
+from fedllama.config import Config, ConfigError, from_yaml, to_yaml
+
+SERVER_STATE = "server_state.safetensors"
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+_ROUND_DIR = re.compile(r"^round-(\d{3,})$")
+
+
+def round_dir(out: Path, server_round: int) -> Path:
+    """``out/round-NNN``."""
+    return out / f"round-{server_round:03d}"
+
+
+def save_round(
+    out: Path,
+    server_round: int,
+    global_state: AdapterState,
+    adapter: AdapterState,
+    cfg: Config,
+    base_dir: Path,
+) -> Path:
+    """Write ``round-NNN`` atomically: the PEFT adapter and the server's global state."""
+    final = round_dir(out, server_round)
+    tmp = out / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    adapters.save_adapter(tmp, adapter, asdict(cfg.lora), base_dir)
+    save_file({k: v.contiguous() for k, v in global_state.items()}, str(tmp / SERVER_STATE))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def last_round(out: Path) -> int | None:
+    """Number of the last complete round directory, or None."""
+    if not out.is_dir():
+        return None
+    rounds = [
+        int(m.group(1))
+        for p in out.iterdir()
+        if (m := _ROUND_DIR.match(p.name)) and (p / SERVER_STATE).is_file()
+    ]
+    return max(rounds) if rounds else None
+
+
+def load_global(out: Path, server_round: int) -> AdapterState:
+    """The strategy's global state saved after ``server_round``."""
+    return load_file(str(round_dir(out, server_round) / SERVER_STATE))
+
+
+_MUST_MATCH = ("model", "lora", "strategy", "data")
+
+
+def check_resumable(out: Path, cfg: Config) -> None:
+    """Refuse to resume a run whose model, LoRA, strategy or data settings differ."""
+    saved_path = out / CONFIG
+    if not saved_path.is_file():
+        return
+    saved = from_yaml(saved_path.read_text())
+    for section in _MUST_MATCH:
+        if getattr(saved, section) != getattr(cfg, section):
+            raise ConfigError(
+                f"output.dir={str(out)!r} holds a run with different {section} settings "
+                f"(saved: {asdict(getattr(saved, section))}); use a new output.dir or the "
+                "same settings to resume"
+            )
+
+
+def write_config(out: Path, cfg: Config) -> None:
+    """Save the resolved config next to the rounds."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG).write_text(to_yaml(cfg))
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    """Every row of ``metrics.jsonl`` (empty when absent)."""
+    path = out / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(out: Path, upto: int) -> None:
+    """Keep only rows of rounds ``<= upto`` (rounds after the last saved one are redone)."""
+    rows = [r for r in read_metrics(out) if int(r["round"]) <= upto]
+    (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def append_metrics(out: Path, row: dict[str, Any]) -> None:
+    """Append one round's row."""
+    with (out / METRICS).open("a") as fh:
+        fh.write(json.dumps(row) + "\n")

@@ -1,0 +1,177 @@
+"""One client round, independent of Flower: load the view, train, return the encoded delta.
+
+``clients/app.py`` turns Flower messages into a call of :func:`run_round` and back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedllama import adapters, data, model, train
+from fedllama.adapters import AdapterState
+from fedllama.config import Config
+from fedllama.merge import MergeStrategy
+
+log = logging.getLogger(__name__)
+
+CLIENT_EVAL_LIMIT = 32
+"""Examples of a client's own eval split scored after training (keeps rounds short)."""
+
+
+class ClientSetupError(ValueError):
+    """A node's settings (node config) are unusable."""
+
+
+@dataclass
+class NodeSettings:
+    """Per-node settings: from ``--node-config`` in a deployment, partition ids in simulation."""
+
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    data_path: str | None = None
+    lora_rank: int | None = None
+    device: str | None = None
+    batch_size: int | None = None
+    local_steps: int | None = None
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any]) -> NodeSettings:
+        """Read Flower's node config (``partition-id``, ``data-path``, ``lora-rank``, ...)."""
+
+        def get_int(key: str) -> int | None:
+            value = node_config.get(key)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ClientSetupError(f"node config {key}={value!r}: expected an integer")
+            return value
+
+        def get_str(key: str) -> str | None:
+            value = node_config.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ClientSetupError(f"node config {key}={value!r}: expected a quoted string")
+            return value
+
+        return cls(
+            partition_id=get_int("partition-id"),
+            num_partitions=get_int("num-partitions"),
+            data_path=get_str("data-path"),
+            lora_rank=get_int("lora-rank"),
+            device=get_str("device"),
+            batch_size=get_int("batch-size"),
+            local_steps=get_int("local-steps"),
+        )
+
+    def apply(self, cfg: Config) -> Config:
+        """The run config with this node's overrides."""
+        model_cfg = replace(cfg.model, device=self.device) if self.device else cfg.model
+        train_cfg = cfg.train
+        if self.batch_size is not None:
+            train_cfg = replace(train_cfg, batch_size=self.batch_size)
+        if self.local_steps is not None:
+            train_cfg = replace(train_cfg, local_steps=self.local_steps)
+        lora_cfg = replace(cfg.lora, r=self.lora_rank) if self.lora_rank else cfg.lora
+        return replace(cfg, model=model_cfg, train=train_cfg, lora=lora_cfg)
+
+
+def load_split(cfg: Config, node: NodeSettings) -> data.Split:
+    """This node's train/eval examples: its own data path, or its simulation partition."""
+    if node.data_path is not None:
+        path = Path(node.data_path).expanduser()
+        if not path.exists() or not os.access(path, os.R_OK):
+            raise ClientSetupError(
+                f"node config data-path={node.data_path!r} does not exist or is not readable"
+            )
+        return data.split_train_eval(
+            data.read_local(path), cfg.data.eval_fraction, f"node-{cfg.data.seed}"
+        )
+    if node.partition_id is None:
+        raise ClientSetupError(
+            "this node has neither data-path nor partition-id in its node config; start the "
+            "SuperNode with --node-config 'data-path=\"/path/to/data.jsonl\"'"
+        )
+    num = node.num_partitions or cfg.simulation.num_clients
+    federation = _federation(cfg, num)
+    if not 0 <= node.partition_id < len(federation.clients):
+        raise ClientSetupError(f"partition-id {node.partition_id} is outside 0..{num - 1}")
+    return federation.clients[node.partition_id]
+
+
+_FEDERATIONS: dict[str, data.Federation] = {}
+
+
+def _federation(cfg: Config, num_clients: int) -> data.Federation:
+    key = repr((cfg.data, num_clients, cfg.model.cache_dir))
+    if key not in _FEDERATIONS:
+        _FEDERATIONS.clear()
+        _FEDERATIONS[key] = data.build_federation(
+            cfg.data, num_clients, model.cache_root(cfg.model)
+        )
+    return _FEDERATIONS[key]
+
+
+@dataclass
+class RoundOutput:
+    """A client's reply: the encoded delta and its metrics."""
+
+    encoded: AdapterState
+    metrics: dict[str, float | int]
+
+
+def run_round(
+    cfg: Config,
+    merge: MergeStrategy,
+    view: AdapterState,
+    split: data.Split,
+    server_round: int,
+    client_id: int,
+) -> RoundOutput:
+    """Train from ``view`` on ``split.train`` and encode the delta (trained - view)."""
+    lora_model, tok = model.get_lora_model(cfg)
+    adapters.set_adapter_state(lora_model, view)
+    train_set = data.encode_all(tok, split.train, cfg.data)
+    eval_set = data.encode_all(tok, split.eval[:CLIENT_EVAL_LIMIT], cfg.data)
+    torch.manual_seed(cfg.data.seed + 1000 * server_round + client_id)
+
+    def progress(step: int, loss: float) -> None:
+        log.info(
+            "client %d round %d: step %d/%d loss %.4f",
+            client_id,
+            server_round,
+            step,
+            cfg.train.local_steps,
+            loss,
+        )
+
+    result = train.train_local(
+        lora_model,
+        train_set,
+        cfg.train,
+        pad_id=int(tok.pad_token_id),
+        seed=cfg.data.seed + 1000 * server_round + client_id,
+        progress=progress,
+    )
+    trained = adapters.get_adapter_state(lora_model)
+    delta = adapters.subtract(trained, view)
+    eval_loss = train.evaluate(
+        lora_model, eval_set, cfg.train.eval_batch_size, int(tok.pad_token_id)
+    )
+    return RoundOutput(
+        encoded=merge.encode(delta, float(result.num_examples)),
+        metrics={
+            "num-examples": result.num_examples,
+            "train-loss": result.train_loss,
+            "client-eval-loss": eval_loss,
+            "steps": result.steps,
+            "seconds": result.seconds,
+            "tokens": result.tokens,
+            "lora-rank": cfg.lora.r,
+            "partition-id": client_id,
+        },
+    )

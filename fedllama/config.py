@@ -1,0 +1,354 @@
+"""One config schema for every fedllama run, loaded with OmegaConf.
+
+Precedence: dataclass defaults <- YAML file <- ``key=value`` overrides. The merged config is
+turned into typed dataclasses (``OmegaConf.to_object``); everything downstream takes those, never
+a ``DictConfig``. Unknown keys, wrong types and bad values raise :class:`ConfigError` naming the
+key and what is allowed, before any model or data is touched.
+
+Key names follow the library they are passed to, so ``peft.LoraConfig(**asdict(cfg.lora))``
+works unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+MODEL_NAMES = ("tiny", "smollm2-135m")
+QUANTIZATIONS = ("nf4", "none")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+PARTITIONS = ("institution", "iid", "dirichlet")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+SERVER_OPTIMIZERS = ("sgd",)
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, mistyped or out of range."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: str, key: str, allowed: Sequence[str]) -> None:
+    _require(value in allowed, key, f"got {value!r}, expected one of {', '.join(allowed)}")
+
+
+@dataclass
+class ModelConfig:
+    """Base model and its quantization."""
+
+    name: str = "smollm2-135m"
+    """``tiny`` (random 2-layer LLaMA, for tests) or ``smollm2-135m`` (embedded, real)."""
+    path: str | None = None
+    """Local Hugging Face model directory; when set it replaces ``name``."""
+    quantization: str = "nf4"
+    """``nf4`` (bitsandbytes 4-bit NF4, double quant = QLoRA) or ``none``."""
+    compute_dtype: str = "auto"
+    """NF4 compute dtype; ``auto`` = bfloat16 on a GPU that supports it, else float32."""
+    device: str = "auto"
+    """``auto`` (CUDA if present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    cache_dir: str = "~/.cache/fedllama"
+    """Converted and quantized base models and the demo data are cached here."""
+    seed: int = 0
+    """Initialisation seed of the ``tiny`` model."""
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            _one_of(self.name, "model.name", MODEL_NAMES)
+        else:
+            _require(bool(self.path.strip()), "model.path", "must be a directory, got ''")
+        _one_of(self.quantization, "model.quantization", QUANTIZATIONS)
+        _one_of(self.compute_dtype, "model.compute_dtype", COMPUTE_DTYPES)
+        _require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "model.device",
+            f"got {self.device!r}, expected auto, cpu, cuda or cuda:N",
+        )
+
+
+@dataclass
+class LoraConfig:
+    """LoRA settings, named exactly as ``peft.LoraConfig`` names them."""
+
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
+        _require(self.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        _require(
+            0.0 <= self.lora_dropout < 1.0,
+            "lora.lora_dropout",
+            f"must be in [0, 1), got {self.lora_dropout}",
+        )
+        _require(len(self.target_modules) > 0, "lora.target_modules", "must not be empty")
+        _one_of(self.bias, "lora.bias", ("none",))
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and how they are split over clients."""
+
+    source: str = "demo"
+    """``demo`` (embedded federation) or a local .jsonl/.csv file or a directory of them."""
+    partition: str = "institution"
+    """``institution`` (one client per institution), ``iid`` or ``dirichlet``."""
+    dirichlet_alpha: float = 0.5
+    max_examples_per_institution: int = 600
+    """Cap on each demo institution's examples (ICD-10-CM alone has 46k codes)."""
+    eval_fraction: float = 0.1
+    """Share of each client's examples held out for its own evaluation."""
+    global_eval_size: int = 64
+    """Examples in the server's held-out global eval split (drawn from every institution)."""
+    max_seq_len: int = 128
+    system_prompt: str = "You are a helpful assistant."
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of(self.partition, "data.partition", PARTITIONS)
+        _require(
+            self.dirichlet_alpha > 0,
+            "data.dirichlet_alpha",
+            f"must be > 0, got {self.dirichlet_alpha}",
+        )
+        _require(
+            0.0 < self.eval_fraction < 1.0,
+            "data.eval_fraction",
+            f"must be in (0, 1), got {self.eval_fraction}",
+        )
+        _require(
+            self.max_examples_per_institution >= 10,
+            "data.max_examples_per_institution",
+            f"must be >= 10, got {self.max_examples_per_institution}",
+        )
+        _require(
+            self.global_eval_size >= 1,
+            "data.global_eval_size",
+            f"must be >= 1, got {self.global_eval_size}",
+        )
+        _require(
+            self.max_seq_len >= 16, "data.max_seq_len", f"must be >= 16, got {self.max_seq_len}"
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each client."""
+
+    local_steps: int = 8
+    """Optimizer steps per round (each of ``grad_accum`` micro-batches)."""
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Gradient clipping; 0 disables it."""
+    fedprox_mu: float = 0.0
+    """FedProx proximal term (mu/2)·||w - w_global||²; 0 = plain local SGD."""
+    eval_batch_size: int = 8
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("local_steps", "batch_size", "grad_accum", "eval_batch_size"):
+            value = getattr(self, key)
+            _require(value >= 1, f"train.{key}", f"must be >= 1, got {value}")
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _one_of(self.lr_schedule, "train.lr_schedule", LR_SCHEDULES)
+        _require(
+            self.warmup_steps >= 0,
+            "train.warmup_steps",
+            f"must be >= 0, got {self.warmup_steps}",
+        )
+        for key in ("weight_decay", "max_grad_norm", "fedprox_mu"):
+            value = getattr(self, key)
+            _require(value >= 0, f"train.{key}", f"must be >= 0, got {value}")
+
+
+@dataclass
+class StrategyConfig:
+    """Merge strategy (see ``strategies/``); the name is checked against the registry."""
+
+    name: str = "fedavg"
+
+
+@dataclass
+class ServerConfig:
+    """Server rounds, optimizer and tolerance to bad replies."""
+
+    rounds: int = 3
+    optimizer: str = "sgd"
+    lr: float = 1.0
+    """Server learning rate on the aggregated delta (sgd with lr 1 = plain FedAvg)."""
+    fraction_train: float = 1.0
+    min_replies: int = 1
+    """Good replies a round needs; fewer and the run stops, the last round kept."""
+    timeout_s: float = 3600.0
+    evaluate: bool = True
+    """Evaluate the global adapter on the global eval split after every round."""
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "server.rounds", f"must be >= 1, got {self.rounds}")
+        _one_of(self.optimizer, "server.optimizer", SERVER_OPTIMIZERS)
+        _require(self.lr > 0, "server.lr", f"must be > 0, got {self.lr}")
+        _require(
+            0.0 < self.fraction_train <= 1.0,
+            "server.fraction_train",
+            f"must be in (0, 1], got {self.fraction_train}",
+        )
+        _require(
+            self.min_replies >= 1, "server.min_replies", f"must be >= 1, got {self.min_replies}"
+        )
+        _require(self.timeout_s > 0, "server.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class SimulationConfig:
+    """Flower simulation engine (Ray) settings."""
+
+    num_clients: int = 4
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(
+            1 <= self.num_clients <= 10_000,
+            "simulation.num_clients",
+            f"must be in [1, 10000], got {self.num_clients}",
+        )
+        _require(
+            self.client_cpus > 0,
+            "simulation.client_cpus",
+            f"must be > 0, got {self.client_cpus}",
+        )
+        _require(
+            self.client_gpus >= 0,
+            "simulation.client_gpus",
+            f"must be >= 0, got {self.client_gpus}",
+        )
+
+
+@dataclass
+class OutputConfig:
+    """Where round adapters, metrics and plots go."""
+
+    dir: str = "runs/demo"
+    plot: bool = True
+
+
+@dataclass
+class Config:
+    """A whole fedllama run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.partition == "institution" and self.data.source == "demo":
+            _require(
+                self.simulation.num_clients <= 4,
+                "simulation.num_clients",
+                f"is {self.simulation.num_clients}, but data.partition=institution on the demo "
+                "data has 4 institutions; use data.partition=iid or dirichlet for more clients",
+            )
+        _require(
+            self.server.min_replies <= self.simulation.num_clients,
+            "server.min_replies",
+            f"is {self.server.min_replies}, more than simulation.num_clients="
+            f"{self.simulation.num_clients}",
+        )
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "config"
+    msg = str(err).splitlines()[0]
+    if "Key '" in msg and "not in" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node: Any = OmegaConf.structured(Config)
+        if parent:
+            node = OmegaConf.select(node, parent)
+        names = sorted(str(k) for k in node) if isinstance(node, DictConfig) else ["?"]
+        valid = ", ".join(names)
+        return f"{key}: unknown key; valid keys here: {valid}"
+    return f"{key}: {msg}"
+
+
+def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a config: defaults, then the YAML at ``path``, then ``key=value`` overrides.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, a key is unknown, a value has the wrong
+            type, or a value is out of range. The message names the key.
+    """
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            layers.append(OmegaConf.load(p))
+        except Exception as err:  # yaml errors have no common base in OmegaConf
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from err
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(_explain(err)) from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """Serialise a config (the inverse of :func:`from_yaml`)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str, overrides: Sequence[str] = ()) -> Config:
+    """Parse a config serialised by :func:`to_yaml`, with optional overrides."""
+    layers = [OmegaConf.structured(Config), OmegaConf.create(text)]
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(_explain(err)) from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of a config (for JSON reports)."""
+    return asdict(cfg)

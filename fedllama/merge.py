@@ -1,0 +1,108 @@
+"""The merge-strategy interface and the summable aggregation path (DESIGN.md §2).
+
+Every strategy turns a client's delta into fixed-shape tensors (``encode``); the server needs
+only their **sum**, which :class:`SumAccumulator` builds one reply at a time (so memory does not
+grow with the number of clients), and ``decode`` turns the sum into the aggregated delta in the
+strategy's global form. Secure aggregation changes only who computes the sum.
+
+Strategies live in ``strategies/`` (plain torch, one file each) and implement
+:class:`MergeStrategy`; this module does not import them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+import torch
+
+from fedllama.adapters import AdapterState
+
+WEIGHT_KEY = "fedllama.weight"
+"""Encoded key carrying a client's aggregation weight as a (1,) tensor."""
+
+
+class MergeError(ValueError):
+    """Client encodings cannot be merged (shape or key mismatch, zero total weight)."""
+
+
+class MergeStrategy(Protocol):
+    """How the server merges client adapter deltas.
+
+    ``summable`` strategies need only the sum of the client encodings, so secure aggregation can
+    protect them; trusted-server strategies need the individual encodings.
+    """
+
+    name: ClassVar[str]
+    summable: ClassVar[bool]
+
+    def init_global(self, initial: AdapterState) -> AdapterState:
+        """Global state from the initial adapter (peft's fresh init at ``lora.r``)."""
+        ...
+
+    def client_view(self, global_state: AdapterState, rank: int) -> AdapterState:
+        """Adapter weights a client of LoRA rank ``rank`` starts its round from."""
+        ...
+
+    def encode(self, delta: AdapterState, weight: float) -> AdapterState:
+        """Fixed-shape tensors a client sends for its ``delta`` (trained - view)."""
+        ...
+
+    def decode(self, summed: AdapterState, global_state: AdapterState) -> AdapterState:
+        """Aggregated delta, in global form, from the sum of every client's encoding."""
+        ...
+
+
+class SumAccumulator:
+    """Running sum of encodings, checked key by key and shape by shape against the first."""
+
+    def __init__(self) -> None:
+        self.total: AdapterState = {}
+        self.count = 0
+
+    def add(self, encoded: AdapterState) -> None:
+        """Add one client's encoding (raises :class:`MergeError` on a mismatch)."""
+        if self.count == 0:
+            self.total = {k: v.detach().to(torch.float32).clone() for k, v in encoded.items()}
+        else:
+            if set(encoded) != set(self.total):
+                raise MergeError(
+                    f"encoding keys differ from the first reply's: "
+                    f"{sorted(set(encoded) ^ set(self.total))[:3]}"
+                )
+            for k, v in encoded.items():
+                if v.shape != self.total[k].shape:
+                    raise MergeError(
+                        f"{k}: shape {tuple(v.shape)}, expected {tuple(self.total[k].shape)}"
+                    )
+                self.total[k].add_(v.to(torch.float32))
+        self.count += 1
+
+
+class ServerOptimizer(Protocol):
+    """Applies an aggregated delta to the global state."""
+
+    def step(self, global_state: AdapterState, delta: AdapterState) -> AdapterState:
+        """New global state."""
+        ...
+
+
+class ServerSGD:
+    """``x <- x + lr·Δ``; with lr 1 this is plain FedAvg (McMahan et al., AISTATS 2017)."""
+
+    def __init__(self, lr: float = 1.0) -> None:
+        self.lr = lr
+
+    def step(self, global_state: AdapterState, delta: AdapterState) -> AdapterState:
+        """New global state."""
+        missing = set(global_state) ^ set(delta)
+        if missing:
+            raise MergeError(f"aggregated delta keys differ from the global state: {missing}")
+        return {k: global_state[k] + self.lr * delta[k] for k in global_state}
+
+
+def build_server_optimizer(name: str, lr: float) -> ServerOptimizer:
+    """Server optimizer by name (``server.optimizer``)."""
+    optimizers = {"sgd": ServerSGD}
+    if name not in optimizers:
+        raise ValueError(f"server.optimizer: unknown {name!r}; valid: {', '.join(optimizers)}")
+    return optimizers[name](lr)

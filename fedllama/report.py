@@ -1,0 +1,60 @@
+"""Metrics -> a loss-per-round plot and a terminal summary."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "fedllama") -> Path:
+    """Eval and train loss per round as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, style in (
+        ("eval_loss", "global eval loss", "o-"),
+        ("train_loss", "train loss (clients)", "s--"),
+    ):
+        pts = [(r["round"], r[key]) for r in rows if _finite(r.get(key))]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss (per answer token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """A short table: eval loss, train loss, bytes and seconds per round."""
+    header = ("round", "eval_loss", "train_loss", "MB up", "MB down", "s")
+    widths = (5, 9, 10, 7, 7, 6)
+    lines = ["  ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True))]
+    for r in rows:
+        ev = f"{r['eval_loss']:.4f}" if _finite(r.get("eval_loss")) else "-"
+        tr = f"{r['train_loss']:.4f}" if _finite(r.get("train_loss")) else "-"
+        lines.append(
+            f"{r['round']:>5}  {ev:>9}  {tr:>10}  {r.get('bytes_up', 0) / 1e6:>7.2f}  "
+            f"{r.get('bytes_down', 0) / 1e6:>7.2f}  {r.get('seconds', 0):>6.1f}"
+        )
+    evals = [r for r in rows if _finite(r.get("eval_loss"))]
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        change = last["eval_loss"] - first["eval_loss"]
+        lines.append(
+            f"eval loss {first['eval_loss']:.4f} (round {first['round']}) -> "
+            f"{last['eval_loss']:.4f} (round {last['round']}): {change:+.4f}"
+        )
+    return "\n".join(lines)

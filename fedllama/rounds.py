@@ -1,0 +1,180 @@
+"""The server's round loop: configure, stream replies, merge, step, evaluate, checkpoint.
+
+Flower's ``Strategy.start`` always counts rounds from 1 and keeps no state on disk; this loop
+drives the same strategy hooks (``configure_train`` / ``aggregate_train``) so that a run resumes
+after its last completed round and every round lands on disk before the next one starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from fedllama import adapters, checkpoint, data, model, report, train
+from fedllama.adapters import AdapterState
+from fedllama.config import Config, to_yaml
+from fedllama.flower import FedLlamaStrategy, stream_replies
+from fedllama.merge import MergeStrategy, build_server_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailed(RuntimeError):
+    """Too few good replies; the global adapter stays as it was after the previous round."""
+
+
+class Evaluator:
+    """Scores global adapters on the global eval split with the server's own model copy."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.model, self.tokenizer = model.get_lora_model(cfg)
+        pool = data.load_pool(cfg.data, model.cache_root(cfg.model))
+        held, _ = data.hold_out_global(pool, cfg.data.global_eval_size, cfg.data.seed)
+        self.examples = data.encode_all(self.tokenizer, held, cfg.data)
+
+    def initial_adapter(self) -> AdapterState:
+        """The freshly initialised adapter (peft's init: A random, B zero)."""
+        return adapters.get_adapter_state(self.model)
+
+    def __call__(self, adapter: AdapterState) -> float:
+        if not self.cfg.server.evaluate:
+            return float("nan")
+        adapters.set_adapter_state(self.model, adapter)
+        return train.evaluate(
+            self.model,
+            self.examples,
+            self.cfg.train.eval_batch_size,
+            int(self.tokenizer.pad_token_id),
+        )
+
+
+def _log_reply(server_round: int, total: int) -> Any:
+    seen = 0
+
+    def on_reply(summary: dict[str, Any]) -> None:
+        nonlocal seen
+        seen += 1
+        log.info(
+            "round %d: client %s (node %s) done %d/%d: train_loss %.4f, %d examples, "
+            "%d steps in %.1f s",
+            server_round,
+            summary.get("partition-id", "?"),
+            summary["node"],
+            seen,
+            total,
+            summary["train-loss"],
+            summary["num-examples"],
+            summary.get("steps", 0),
+            summary.get("seconds", 0.0),
+        )
+
+    return on_reply
+
+
+def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, Any]]:
+    """Run (or resume) ``server.rounds`` rounds; return the metrics rows.
+
+    Raises:
+        RoundFailed: a round got fewer than ``server.min_replies`` good replies.
+    """
+    out = Path(cfg.output.dir)
+    checkpoint.check_resumable(out, cfg)
+    checkpoint.write_config(out, cfg)
+    base_dir = model.resolve_base_dir(cfg.model)
+    torch.manual_seed(cfg.data.seed)  # the initial LoRA A is drawn when the model is built
+    evaluator = Evaluator(cfg)
+    optimizer = build_server_optimizer(cfg.server.optimizer, cfg.server.lr)
+    strategy = FedLlamaStrategy(
+        merge,
+        to_yaml(cfg),
+        rank=cfg.lora.r,
+        fraction_train=cfg.server.fraction_train,
+        min_nodes=cfg.server.min_replies,
+    )
+
+    done = checkpoint.last_round(out)
+    if done is None:
+        global_state = merge.init_global(evaluator.initial_adapter())
+        t0 = time.perf_counter()
+        view = merge.client_view(global_state, cfg.lora.r)
+        eval_loss = evaluator(view)
+        checkpoint.save_round(out, 0, global_state, view, cfg, base_dir)
+        checkpoint.truncate_metrics(out, -1)
+        checkpoint.append_metrics(
+            out,
+            {
+                "round": 0,
+                "eval_loss": eval_loss,
+                "train_loss": None,
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "seconds": time.perf_counter() - t0,
+            },
+        )
+        log.info("round 0 (initial adapter): eval_loss %.4f", eval_loss)
+        done = 0
+    else:
+        global_state = checkpoint.load_global(out, done)
+        checkpoint.truncate_metrics(out, done)
+        if done >= cfg.server.rounds:
+            log.info("%s already holds %d rounds; nothing to do", out, done)
+        else:
+            log.info("resuming %s after round %d", out, done)
+
+    for server_round in range(done + 1, cfg.server.rounds + 1):
+        t0 = time.perf_counter()
+        strategy.set_global(global_state)
+        messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+        log.info(
+            "round %d/%d: training on %d clients", server_round, cfg.server.rounds, len(messages)
+        )
+        strategy.on_reply = _log_reply(server_round, len(messages))
+        replies = stream_replies(grid, messages, cfg.server.timeout_s)
+        strategy.aggregate_train(server_round, replies)
+        rep = strategy.report
+        if rep.ok < cfg.server.min_replies or rep.delta is None:
+            raise RoundFailed(
+                f"round {server_round}: {rep.ok} good replies ({rep.dropped} dropped, "
+                f"{len(messages) - rep.ok - rep.dropped} missing), server.min_replies="
+                f"{cfg.server.min_replies}; the global adapter stays at round {server_round - 1} "
+                f"in {out}"
+            )
+        global_state = optimizer.step(global_state, rep.delta)
+        view = merge.client_view(global_state, cfg.lora.r)
+        eval_loss = evaluator(view)
+        checkpoint.save_round(out, server_round, global_state, view, cfg, base_dir)
+        row = {
+            "round": server_round,
+            "eval_loss": eval_loss,
+            "train_loss": rep.train_loss,
+            "bytes_up": rep.bytes_up,
+            "bytes_down": rep.bytes_down,
+            "seconds": time.perf_counter() - t0,
+            "clients_ok": rep.ok,
+            "clients_dropped": rep.dropped,
+            "clients": rep.clients,
+        }
+        checkpoint.append_metrics(out, row)
+        log.info(
+            "round %d/%d done in %.1f s: eval_loss %.4f, train_loss %.4f, %d ok, %d dropped",
+            server_round,
+            cfg.server.rounds,
+            row["seconds"],
+            eval_loss if math.isfinite(eval_loss) else float("nan"),
+            rep.train_loss,
+            rep.ok,
+            rep.dropped,
+        )
+
+    rows = checkpoint.read_metrics(out)
+    if cfg.output.plot:
+        report.plot_losses(rows, out / "loss.png", title=f"fedllama: {cfg.strategy.name}")
+    return rows

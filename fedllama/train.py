@@ -1,0 +1,153 @@
+"""Local training loop (one client, one round) and evaluation.
+
+A round's local training: AdamW over the LoRA parameters only, ``train.local_steps`` optimizer
+steps of ``train.grad_accum`` micro-batches each, warmup + schedule, gradient clipping and an
+optional FedProx proximal term ``(mu/2)·||w - w_view||²`` that pulls the adapter towards the
+global view it started from (Li et al., MLSys 2020).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedllama.config import TrainConfig
+from fedllama.data import Encoded, collate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a round of local training reports."""
+
+    train_loss: float
+    """Mean loss over the round's micro-batches (without the FedProx term)."""
+    num_examples: int
+    """Distinct training examples this client holds (the aggregation weight)."""
+    steps: int
+    seconds: float
+    tokens: int
+    """Tokens processed (padding included), for throughput."""
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    total = cfg.local_steps
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _batches(
+    examples: Sequence[Encoded], batch_size: int, rng: random.Random
+) -> Any:  # an endless iterator of batches, reshuffled every epoch
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            fresh = list(range(len(examples)))
+            rng.shuffle(fresh)
+            order += fresh
+        yield [examples[i] for i in order[:batch_size]]
+        del order[:batch_size]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def train_local(
+    model: Any,
+    examples: Sequence[Encoded],
+    cfg: TrainConfig,
+    pad_id: int,
+    seed: int,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train the model's LoRA parameters in place for one round.
+
+    Args:
+        model: a ``peft.PeftModel`` whose adapter holds the global view.
+        examples: tokenized training examples (non-empty).
+        cfg: local training settings.
+        pad_id: padding token id.
+        seed: seeds the batch order (vary it by round and client).
+        progress: called as ``progress(step, loss)`` after each optimizer step.
+    """
+    if not examples:
+        raise ValueError("train_local needs at least one training example")
+    device = model_device(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if cfg.fedprox_mu > 0 else []
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    batches = _batches(examples, cfg.batch_size, random.Random(seed))
+    model.train()
+    start = time.perf_counter()
+    losses: list[float] = []
+    tokens = 0
+    for step in range(cfg.local_steps):
+        for _ in range(cfg.grad_accum):
+            batch = {k: v.to(device) for k, v in collate(next(batches), pad_id).items()}
+            tokens += int(batch["input_ids"].numel())
+            loss = model(**batch).loss
+            losses.append(float(loss.detach()))
+            if anchor:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                loss = loss + 0.5 * cfg.fedprox_mu * prox
+            (loss / cfg.grad_accum).backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress(step + 1, sum(losses[-cfg.grad_accum :]) / cfg.grad_accum)
+    model.eval()
+    return TrainResult(
+        train_loss=sum(losses) / len(losses),
+        num_examples=len(examples),
+        steps=cfg.local_steps,
+        seconds=time.perf_counter() - start,
+        tokens=tokens,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: Any, examples: Sequence[Encoded], batch_size: int, pad_id: int) -> float:
+    """Mean per-token loss on the answer tokens of ``examples`` (NaN when empty)."""
+    if not examples:
+        return float("nan")
+    device = model_device(model)
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shift_logits = logits[:, :-1].float()
+        shift_labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        total += float(loss)
+        count += int((shift_labels != -100).sum())
+    return total / max(count, 1)

@@ -1,0 +1,58 @@
+"""ServerApp: read the config, build the merge strategy, run the rounds.
+
+The config comes from the run config (``flwr run . --run-config 'config="my.yaml"
+overrides="server.rounds=2 lora.r=16"'``; a relative path is taken from the app directory) or,
+for ``fedllama simulate`` (whose in-process engine passes no run config), from the
+``FEDLLAMA_CONFIG`` environment variable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+import strategies
+from fedllama import config as config_lib
+from fedllama import report, setup_logging
+from fedllama.config import Config
+from fedllama.rounds import run_server
+
+APP_DIR = Path(__file__).resolve().parent.parent
+log = logging.getLogger("fedllama.server")
+
+app = ServerApp()
+
+
+def check(cfg: Config) -> None:
+    """Checks that need the strategy registry (run before any model or data is loaded)."""
+    strategies.build(cfg.strategy.name)
+
+
+def load_run_config(run_config: dict[str, object]) -> Config:
+    """The fedllama config named by the run config, or by ``FEDLLAMA_CONFIG``."""
+    path = run_config.get("config") or os.environ.get("FEDLLAMA_CONFIG")
+    if not isinstance(path, str) or not path:
+        raise config_lib.ConfigError(
+            "no config: set run config 'config' (flwr run) or FEDLLAMA_CONFIG"
+        )
+    overrides = str(run_config.get("overrides") or os.environ.get("FEDLLAMA_OVERRIDES", ""))
+    p = Path(path)
+    cfg = config_lib.load(p if p.is_absolute() else APP_DIR / p, shlex.split(overrides))
+    check(cfg)
+    return cfg
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run or resume the federation described by the config."""
+    setup_logging()
+    cfg = load_run_config(dict(context.run_config))
+    rows = run_server(grid, cfg, strategies.build(cfg.strategy.name))
+    log.info(
+        "finished; metrics in %s\n%s", Path(cfg.output.dir) / "metrics.jsonl", report.summary(rows)
+    )

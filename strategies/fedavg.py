@@ -1,0 +1,59 @@
+"""FedAvg / FedIT over LoRA deltas.
+
+FedIT (Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning",
+ICASSP 2024) averages the LoRA factors A and B separately, weighted by example counts, exactly
+as FedAvg (McMahan et al., AISTATS 2017) averages model weights. Every client must train at the
+global rank: a rank mismatch is refused (heterogeneous ranks need another strategy).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from fedllama.adapters import AdapterState
+from fedllama.merge import WEIGHT_KEY, MergeError
+
+
+class FedAvg:
+    """Weighted average of A and B separately: Δ = Σ_k w_k Δ_k / Σ_k w_k."""
+
+    name: ClassVar[str] = "fedavg"
+    summable: ClassVar[bool] = True
+
+    def init_global(self, initial: AdapterState) -> AdapterState:
+        """The global state is the adapter itself."""
+        return {k: v.clone() for k, v in initial.items()}
+
+    def client_view(self, global_state: AdapterState, rank: int) -> AdapterState:
+        """The global adapter, unchanged; refuses a client rank other than the global one."""
+        global_rank = _rank(global_state)
+        if rank != global_rank:
+            raise MergeError(
+                f"strategy fedavg needs every client at the global rank {global_rank}, "
+                f"got a client of rank {rank}"
+            )
+        return {k: v.clone() for k, v in global_state.items()}
+
+    def encode(self, delta: AdapterState, weight: float) -> AdapterState:
+        """``{key: w·Δ_key}`` plus the weight itself."""
+        if weight <= 0:
+            raise MergeError(f"a client's weight must be > 0, got {weight}")
+        encoded = {k: v.to(torch.float32) * weight for k, v in delta.items()}
+        encoded[WEIGHT_KEY] = torch.tensor([float(weight)])
+        return encoded
+
+    def decode(self, summed: AdapterState, global_state: AdapterState) -> AdapterState:
+        """Divide the weighted sum by the total weight."""
+        total = float(summed[WEIGHT_KEY][0])
+        if total <= 0:
+            raise MergeError(f"total client weight is {total}; nothing to average")
+        return {k: summed[k] / total for k in global_state}
+
+
+def _rank(state: AdapterState) -> int:
+    for key, value in state.items():
+        if key.endswith("lora_A.weight"):
+            return int(value.shape[0])  # A: (r, in_features)
+    raise MergeError("adapter state has no lora_A weights")
