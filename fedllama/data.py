@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 Example = dict[str, Any]
 DEMO_INSTITUTIONS = ("hospital-a", "hospital-b", "law-firm", "general")
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 IGNORE_INDEX = -100
 
 
@@ -257,6 +257,18 @@ _BUILDERS = {
 _DEMO_CACHE_LIMIT = 5000  # examples kept per institution in the on-disk cache
 
 
+def _dedupe(examples: list[Example]) -> list[Example]:
+    """Drop repeated conversations (the chatterbot corpus repeats some), keeping the first."""
+    seen: set[str] = set()
+    out = []
+    for ex in examples:
+        key = json.dumps(ex["messages"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(ex)
+    return out
+
+
 def demo_federation(cache_dir: Path, limit: int, seed: int = 0) -> dict[str, list[Example]]:
     """The embedded demo federation: institution -> examples (built once, cached as JSONL)."""
     folder = cache_dir / f"demo-data-v{DEMO_VERSION}-seed{seed}"
@@ -265,7 +277,7 @@ def demo_federation(cache_dir: Path, limit: int, seed: int = 0) -> dict[str, lis
     for name, build in _BUILDERS.items():
         path = folder / f"{name}.jsonl"
         if not path.is_file():
-            examples = build(random.Random(f"{seed}-{name}"), _DEMO_CACHE_LIMIT)
+            examples = _dedupe(build(random.Random(f"{seed}-{name}"), _DEMO_CACHE_LIMIT))
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(e) + "\n" for e in examples), encoding="utf-8")
             tmp.replace(path)
@@ -380,6 +392,8 @@ def build_federation(cfg: DataConfig, num_clients: int, cache_dir: Path) -> Fede
     pool = load_pool(cfg, cache_dir)
     global_eval, rest = hold_out_global(pool, cfg.global_eval_size, cfg.seed)
     rows = [ex for name in sorted(rest) for ex in rest[name]]
+    # Flower's IidPartitioner takes contiguous shards (FederatedDataset shuffles first): shuffle.
+    random.Random(f"rows-{cfg.seed}").shuffle(rows)
     parts = partition_indices([ex["institution"] for ex in rows], cfg, num_clients)
     clients = [
         split_train_eval([rows[i] for i in idx], cfg.eval_fraction, f"client-{cfg.seed}-{pid}")

@@ -1,0 +1,61 @@
+"""An in-process stand-in for Flower's Grid: runs the real ClientApp function on push.
+
+It exercises the real ServerApp loop and ClientApp code without Ray or a SuperLink, the way
+Flower's own strategy tests fake replies instead of starting a network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import clients.app
+
+Tamper = Callable[[int, Message], Message | None]
+
+
+class InProcessGrid:
+    """Nodes 100, 101, ... with partition ids 0, 1, ...; replies computed synchronously."""
+
+    def __init__(self, num_nodes: int, tamper: Tamper | None = None) -> None:
+        self.node_ids = [100 + i for i in range(num_nodes)]
+        self.tamper = tamper
+        self.replies: dict[str, Message] = {}
+        self.trained: list[tuple[int, int]] = []  # (round, partition id)
+        self._next = 0
+        TaskIdentity.run_id = 1
+        TaskIdentity.node_id = 0
+        TaskIdentity.task_id = 1
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            self._next += 1
+            msg_id = f"msg-{self._next}"
+            msg.metadata.__dict__["_message_id"] = msg_id
+            node = msg.metadata.dst_node_id
+            pid = self.node_ids.index(node)
+            context = Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": pid, "num-partitions": len(self.node_ids)},
+                state=RecordDict(),
+                run_config={},
+            )
+            reply = clients.app.train(msg, context)
+            self.trained.append((int(msg.content.config_records["config"]["server-round"]), pid))
+            if self.tamper is not None:
+                reply = self.tamper(pid, reply)
+            if reply is not None:
+                reply.metadata.__dict__["_src_node_id"] = node
+                self.replies[msg_id] = reply
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]

@@ -1,0 +1,76 @@
+"""Node settings and one client round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import strategies
+from fedllama import adapters, client, model
+from fedllama.client import ClientSetupError, NodeSettings
+from fedllama.config import Config
+from fedllama.merge import WEIGHT_KEY
+
+
+def test_node_config_overrides_rank_device_batch_and_steps(tiny_cfg: Config) -> None:
+    node = NodeSettings.from_node_config(
+        {
+            "data-path": "/x.jsonl",
+            "lora-rank": 16,
+            "device": "cpu",
+            "batch-size": 2,
+            "local-steps": 3,
+        }
+    )
+    cfg = node.apply(tiny_cfg)
+    assert (cfg.lora.r, cfg.model.device, cfg.train.batch_size, cfg.train.local_steps) == (
+        16,
+        "cpu",
+        2,
+        3,
+    )
+
+
+def test_node_config_with_wrong_types_is_named() -> None:
+    with pytest.raises(ClientSetupError, match="lora-rank='8': expected an integer"):
+        NodeSettings.from_node_config({"lora-rank": "8"})
+    with pytest.raises(ClientSetupError, match="data-path=3: expected a quoted string"):
+        NodeSettings.from_node_config({"data-path": 3})
+
+
+def test_missing_data_path_is_refused_with_its_name(tiny_cfg: Config, tmp_path: Path) -> None:
+    node = NodeSettings(data_path=str(tmp_path / "site-a.jsonl"))
+    with pytest.raises(ClientSetupError, match="data-path=.*site-a.jsonl.* does not exist"):
+        client.load_split(tiny_cfg, node)
+
+
+def test_node_without_data_is_told_how_to_give_it(tiny_cfg: Config) -> None:
+    with pytest.raises(ClientSetupError, match="--node-config 'data-path="):
+        client.load_split(tiny_cfg, NodeSettings())
+
+
+def test_local_data_path_is_split_into_train_and_eval(tiny_cfg: Config, tmp_path: Path) -> None:
+    path = tmp_path / "site.csv"
+    path.write_text("instruction,response\n" + "".join(f"q{i},a{i}\n" for i in range(20)))
+    split = client.load_split(tiny_cfg, NodeSettings(data_path=str(path)))
+    assert len(split.train) == 18 and len(split.eval) == 2
+
+
+def test_round_replies_with_the_encoded_delta_only(tiny_cfg: Config) -> None:
+    lora_model, _ = model.get_lora_model(tiny_cfg)
+    view = adapters.get_adapter_state(lora_model)
+    split = client.load_split(tiny_cfg, NodeSettings(partition_id=0, num_partitions=3))
+
+    out = client.run_round(
+        tiny_cfg, strategies.build("fedavg"), view, split, server_round=1, client_id=0
+    )
+
+    n = out.metrics["num-examples"]
+    assert n == len(split.train)
+    assert out.encoded[WEIGHT_KEY].tolist() == [float(n)]
+    trained = adapters.get_adapter_state(lora_model)
+    for k, v in view.items():
+        assert out.encoded[k].dtype == torch.float32
+        assert torch.allclose(out.encoded[k], n * (trained[k] - v), atol=1e-5), "w·(trained - view)"

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import server.app
+from fedllama import config as config_lib
+from fedllama.config import ConfigError
+
+SHIPPED = sorted(
+    (Path(__file__).resolve().parent.parent / "simulations" / "configs").glob("*.yaml")
+)
+
+
+def test_defaults_load_with_issue_key_names() -> None:
+    cfg = config_lib.load()
+    assert cfg.model.name == "smollm2-135m"
+    assert cfg.model.quantization == "nf4"
+    assert cfg.lora.r == 8 and cfg.lora.lora_alpha == 16
+    assert cfg.strategy.name == "fedavg"
+    assert cfg.server.rounds >= 1 and cfg.simulation.num_clients >= 1
+    assert cfg.output.dir
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_yaml_loads_and_says_how_to_run_it(path: Path) -> None:
+    cfg = config_lib.load(path)
+    server.app.check(cfg)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), "a shipped YAML opens with a comment saying what it runs"
+    assert f"fedllama simulate simulations/configs/{path.name}" in path.read_text()
+
+
+def test_overrides_win_over_yaml() -> None:
+    cfg = config_lib.load(SHIPPED[0], ["lora.r=16", "lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.lora.r == 16
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_lora_section_feeds_peft_unchanged() -> None:
+    from dataclasses import asdict
+
+    import peft
+
+    lora = peft.LoraConfig(**asdict(config_lib.load().lora))
+    assert lora.r == 8
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("lora.rank=4", "lora.rank: unknown key; valid keys here: bias, lora_alpha"),
+        ("trainer.lr=1", "trainer: unknown key"),
+        ("lora.r=four", "lora.r: Value 'four'"),
+        ("server.rounds=1.5", "server.rounds"),
+        ("lora.r=0", "lora.r: must be >= 1, got 0"),
+        ("model.quantization=int3", "model.quantization: got 'int3', expected one of nf4, none"),
+        ("model.name=gpt2", "model.name: got 'gpt2', expected one of tiny, smollm2-135m"),
+        ("data.partition=random", "data.partition: got 'random'"),
+        ("train.lr_schedule=step", "train.lr_schedule"),
+        ("server.optimizer=adamw", "server.optimizer: got 'adamw'"),
+        ("data.eval_fraction=1.5", "data.eval_fraction: must be in (0, 1)"),
+        ("model.device=tpu", "model.device"),
+        ("simulation.num_clients=0", "simulation.num_clients"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(None, [override])
+    assert expected in str(err.value)
+
+
+def test_institution_split_of_demo_needs_four_clients() -> None:
+    with pytest.raises(ConfigError, match="simulation.num_clients.*4 institutions"):
+        config_lib.load(None, ["simulation.num_clients=8", "data.partition=institution"])
+
+
+def test_override_without_equals_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        config_lib.load(None, ["lora.r"])
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does-not-exist.yaml"):
+        config_lib.load(tmp_path / "does-not-exist.yaml")
+
+
+def test_unknown_strategy_lists_the_valid_ones() -> None:
+    cfg = config_lib.load(None, ["strategy.name=fedmagic"])
+    with pytest.raises(ValueError, match="unknown strategy 'fedmagic'; valid: fedavg"):
+        server.app.check(cfg)
+
+
+def test_yaml_round_trip_is_lossless() -> None:
+    cfg = config_lib.load(SHIPPED[0], ["train.fedprox_mu=0.01"])
+    assert config_lib.from_yaml(config_lib.to_yaml(cfg)) == cfg
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedllama.cli import main
+
+    assert main(["check", str(SHIPPED[0]), "lora.r=-1"]) == 2
+    assert "lora.r: must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,145 @@
+"""The server loop over the real ClientApp: rounds on disk, metrics, resume, bad replies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, Message
+
+import strategies
+from fedllama import adapters, checkpoint
+from fedllama.config import ConfigError
+from fedllama.flower import ARRAYS
+from fedllama.rounds import RoundFailed, run_server
+from tests.conftest import tiny_config
+from tests.grid import InProcessGrid
+
+REQUIRED = {"round", "eval_loss", "train_loss", "bytes_up", "bytes_down", "seconds"}
+
+
+def test_two_rounds_write_peft_rounds_and_metrics(cache_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(cache_dir, tmp_path / "run")
+    grid = InProcessGrid(3)
+
+    rows = run_server(grid, cfg, strategies.build("fedavg"))  # type: ignore[arg-type]
+
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        assert row.keys() >= REQUIRED
+    assert rows[1]["bytes_up"] > 0 and rows[1]["bytes_down"] > 0
+    assert rows[1]["clients_ok"] == 3
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [0, 1, 2]
+    assert (tmp_path / "run" / "loss.png").is_file()
+    r1, _ = adapters.load_adapter(tmp_path / "run" / "round-001")
+    r2, _ = adapters.load_adapter(tmp_path / "run" / "round-002")
+    assert any(not torch.equal(r1[k], r2[k]) for k in r1), "round 2 changed the adapter"
+
+
+def test_rerun_resumes_after_last_completed_round(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_server(
+        InProcessGrid(3), tiny_config(cache_dir, out, "server.rounds=1"), strategies.build("fedavg")
+    )  # type: ignore[arg-type]
+    saved, _ = adapters.load_adapter(out / "round-001")
+    grid = InProcessGrid(3)
+
+    rows = run_server(
+        grid, tiny_config(cache_dir, out, "server.rounds=2"), strategies.build("fedavg")
+    )  # type: ignore[arg-type]
+
+    assert {r for r, _ in grid.trained} == {2}, "only round 2 is trained again"
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    again, _ = adapters.load_adapter(out / "round-001")
+    assert all(torch.equal(saved[k], again[k]) for k in saved), "round 1 left untouched"
+
+
+def test_crash_mid_round_then_rerun_redoes_only_that_round(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+
+    def crash_in_round_2(pid: int, reply: Message) -> Message:
+        if checkpoint.last_round(out) == 1:
+            raise KeyboardInterrupt("server killed")
+        return reply
+
+    with pytest.raises(KeyboardInterrupt):
+        run_server(
+            InProcessGrid(2, crash_in_round_2),
+            tiny_config(cache_dir, out),
+            strategies.build("fedavg"),
+        )  # type: ignore[arg-type]
+    assert checkpoint.last_round(out) == 1
+    grid = InProcessGrid(3)
+
+    rows = run_server(grid, tiny_config(cache_dir, out), strategies.build("fedavg"))  # type: ignore[arg-type]
+
+    assert {r for r, _ in grid.trained} == {2}
+    assert [r["round"] for r in rows] == [0, 1, 2]
+
+
+def test_resume_refuses_different_model_settings(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_server(
+        InProcessGrid(3), tiny_config(cache_dir, out, "server.rounds=1"), strategies.build("fedavg")
+    )  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="different lora settings"):
+        run_server(
+            InProcessGrid(3), tiny_config(cache_dir, out, "lora.r=8"), strategies.build("fedavg")
+        )  # type: ignore[arg-type]
+
+
+def _poison(pid: int, reply: Message) -> Message:
+    if pid == 1:
+        arrays = reply.content.array_records[ARRAYS]
+        key = next(k for k in arrays if k.endswith("lora_A.weight"))
+        bad = arrays[key].numpy().copy()
+        bad[0, 0] = np.nan
+        arrays[key] = Array(bad)
+    return reply
+
+
+def test_bad_reply_is_dropped_and_round_goes_on(cache_dir: Path, tmp_path: Path, caplog) -> None:
+    cfg = tiny_config(cache_dir, tmp_path / "run", "server.rounds=1", "server.min_replies=2")
+
+    with caplog.at_level("WARNING", logger="fedllama"):
+        rows = run_server(InProcessGrid(3, _poison), cfg, strategies.build("fedavg"))  # type: ignore[arg-type]
+
+    assert rows[-1]["clients_ok"] == 2 and rows[-1]["clients_dropped"] == 1
+    assert "dropped node 101" in caplog.text and "NaN" in caplog.text
+
+
+def test_too_few_good_replies_fail_the_round_and_keep_the_adapter(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    cfg = tiny_config(cache_dir, out, "server.rounds=1", "server.min_replies=3")
+
+    with pytest.raises(RoundFailed, match="2 good replies .*server.min_replies=3"):
+        run_server(InProcessGrid(3, _poison), cfg, strategies.build("fedavg"))  # type: ignore[arg-type]
+
+    assert checkpoint.last_round(out) == 0
+
+
+def test_round_directory_loads_with_peft(cache_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    run_server(
+        InProcessGrid(3), tiny_config(cache_dir, out, "server.rounds=1"), strategies.build("fedavg")
+    )  # type: ignore[arg-type]
+    round_dir = out / "round-001"
+    base_dir = json.loads((round_dir / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ]
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), round_dir)
+
+    saved, _ = adapters.load_adapter(round_dir)
+    loaded = adapters.get_adapter_state(model)
+    assert set(loaded) == set(saved)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
