@@ -20,9 +20,6 @@ from fedllama.merge import MergeStrategy
 
 log = logging.getLogger(__name__)
 
-CLIENT_EVAL_LIMIT = 32
-"""Examples of a client's own eval split scored after training (keeps rounds short)."""
-
 
 class ClientSetupError(ValueError):
     """A node's settings (node config) are unusable."""
@@ -136,8 +133,10 @@ def run_round(
     lora_model, tok = model.get_lora_model(cfg)
     adapters.set_adapter_state(lora_model, view)
     train_set = data.encode_all(tok, split.train, cfg.data)
-    eval_set = data.encode_all(tok, split.eval[:CLIENT_EVAL_LIMIT], cfg.data)
-    torch.manual_seed(cfg.data.seed + 1000 * server_round + client_id)
+    eval_set = data.encode_all(tok, split.eval[: cfg.train.client_eval_size], cfg.data)
+    pad_id = int(tok.pad_token_id)
+    seed = cfg.data.seed + 1000 * server_round + client_id  # differs by round and client
+    torch.manual_seed(seed)
 
     def progress(step: int, loss: float) -> None:
         log.info(
@@ -153,25 +152,23 @@ def run_round(
         lora_model,
         train_set,
         cfg.train,
-        pad_id=int(tok.pad_token_id),
-        seed=cfg.data.seed + 1000 * server_round + client_id,
+        pad_id=pad_id,
+        seed=seed,
         progress=progress,
     )
     trained = adapters.get_adapter_state(lora_model)
     delta = adapters.subtract(trained, view)
-    eval_loss = train.evaluate(
-        lora_model, eval_set, cfg.train.eval_batch_size, int(tok.pad_token_id)
-    )
-    return RoundOutput(
-        encoded=merge.encode(delta, float(result.num_examples)),
-        metrics={
-            "num-examples": result.num_examples,
-            "train-loss": result.train_loss,
-            "client-eval-loss": eval_loss,
-            "steps": result.steps,
-            "seconds": result.seconds,
-            "tokens": result.tokens,
-            "lora-rank": cfg.lora.r,
-            "partition-id": client_id,
-        },
-    )
+    metrics: dict[str, float | int] = {
+        "num-examples": result.num_examples,
+        "train-loss": result.train_loss,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "tokens": result.tokens,
+        "lora-rank": cfg.lora.r,
+        "partition-id": client_id,
+    }
+    if eval_set:
+        metrics["client-eval-loss"] = train.evaluate(
+            lora_model, eval_set, cfg.train.eval_batch_size, pad_id
+        )
+    return RoundOutput(encoded=merge.encode(delta, float(result.num_examples)), metrics=metrics)

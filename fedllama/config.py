@@ -160,12 +160,19 @@ class TrainConfig:
     fedprox_mu: float = 0.0
     """FedProx proximal term (mu/2)·||w - w_global||²; 0 = plain local SGD."""
     eval_batch_size: int = 8
+    client_eval_size: int = 16
+    """Examples of its own eval split a client scores after training (0 = skip)."""
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for key in ("local_steps", "batch_size", "grad_accum", "eval_batch_size"):
             value = getattr(self, key)
             _require(value >= 1, f"train.{key}", f"must be >= 1, got {value}")
+        _require(
+            self.client_eval_size >= 0,
+            "train.client_eval_size",
+            f"must be >= 0, got {self.client_eval_size}",
+        )
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _one_of(self.lr_schedule, "train.lr_schedule", LR_SCHEDULES)
         _require(

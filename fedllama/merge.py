@@ -74,7 +74,7 @@ class SumAccumulator:
                     raise MergeError(
                         f"{k}: shape {tuple(v.shape)}, expected {tuple(self.total[k].shape)}"
                     )
-                self.total[k].add_(v.to(torch.float32))
+                self.total[k].add_(v)
         self.count += 1
 
 

@@ -13,15 +13,17 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "fedllama")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label, style in (
         ("eval_loss", "global eval loss", "o-"),
-        ("train_loss", "train loss (clients)", "s--"),
+        ("train_loss", "client train loss (during the round)", "s--"),
     ):
         pts = [(r["round"], r[key]) for r in rows if _finite(r.get(key))]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("loss (per answer token)")
     ax.set_title(title)
