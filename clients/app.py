@@ -26,10 +26,12 @@ def train(msg: Message, context: Context) -> Message:
     node = NodeSettings.from_node_config(dict(context.node_config))
     cfg = node.apply(from_yaml(str(settings[CONFIG_YAML])))
     split = load_split(cfg, node)
+    merge = strategies.build(cfg.strategy.name)
+    view = merge.client_view(from_record(msg.content.array_records[ARRAYS]), cfg.lora.r)
     result = run_round(
         cfg,
-        strategies.build(cfg.strategy.name),
-        from_record(msg.content.array_records[ARRAYS]),
+        merge,
+        view,
         split,
         server_round=int(settings[ROUND]),  # type: ignore[call-overload]
         client_id=node.partition_id if node.partition_id is not None else -1,

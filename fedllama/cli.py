@@ -72,6 +72,7 @@ def simulate(cfg: config_lib.Config) -> int:
         fh.write(config_lib.to_yaml(cfg))
     os.environ["FEDLLAMA_CONFIG"] = fh.name
     os.environ.pop("FEDLLAMA_OVERRIDES", None)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray tip per actor
     backend_config: Any = {
         "client_resources": {
             "num_cpus": cfg.simulation.client_cpus,

@@ -2,8 +2,10 @@
 
 :class:`FedLlamaStrategy` subclasses Flower's Message-API ``FedAvg`` and overrides three hooks:
 
-* ``configure_train`` sends every sampled node the client view of the global adapter plus the
-  run's whole config (so a stock SuperNode needs nothing but its node config);
+* ``configure_train`` sends every sampled node the global state (in the merge strategy's own
+  form) plus the run's whole config, so a stock SuperNode needs nothing but its node config. The
+  client derives its view with ``strategy.client_view(global, own rank)``: the server need not
+  know a node's LoRA rank, which lives in that node's config;
 * ``aggregate_train`` validates each reply (keys, shapes, dtypes, finite values, metrics), drops
   a bad one with a log line naming the node and the reason, and adds the good ones to a running
   sum as they arrive — it consumes an iterator, so replies streamed by :func:`stream_replies`
@@ -163,7 +165,8 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
     Args:
         merge: the merge strategy (from ``strategies.build``).
         config_yaml: the run's resolved config, sent to every client.
-        rank: LoRA rank of client views (``lora.r``).
+        rank: a LoRA rank clients may have (``lora.r``); it fixes the expected reply shapes, which
+            a summable strategy's encodings keep equal across ranks.
         fraction_train: share of connected nodes sampled per round.
         min_nodes: nodes that must be connected before a round starts.
         on_reply: called with each client's summary as its reply is aggregated (progress).
@@ -203,12 +206,12 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One message per sampled node: its view of the global adapter and the run config."""
+        """One message per sampled node: the global state and the run config."""
         self.report = RoundReport()
-        view = to_record(self.merge.client_view(self.global_state, self.rank))
+        arrays = to_record(self.global_state)
         config[CONFIG_YAML] = self.config_yaml
-        messages = list(super().configure_train(server_round, view, config, grid))
-        self.report.bytes_down = record_bytes(view) * len(messages)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.report.bytes_down = record_bytes(arrays) * len(messages)
         return messages
 
     def aggregate_train(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import clients.app
@@ -19,9 +19,15 @@ Tamper = Callable[[int, Message], Message | None]
 class InProcessGrid:
     """Nodes 100, 101, ... with partition ids 0, 1, ...; replies computed synchronously."""
 
-    def __init__(self, num_nodes: int, tamper: Tamper | None = None) -> None:
+    def __init__(
+        self,
+        num_nodes: int,
+        tamper: Tamper | None = None,
+        node_config: dict[int, dict[str, int | str]] | None = None,
+    ) -> None:
         self.node_ids = [100 + i for i in range(num_nodes)]
         self.tamper = tamper
+        self.node_config = node_config or {}
         self.replies: dict[str, Message] = {}
         self.trained: list[tuple[int, int]] = []  # (round, partition id)
         self._next = 0
@@ -43,11 +49,18 @@ class InProcessGrid:
             context = Context(
                 run_id=1,
                 node_id=node,
-                node_config={"partition-id": pid, "num-partitions": len(self.node_ids)},
+                node_config={
+                    "partition-id": pid,
+                    "num-partitions": len(self.node_ids),
+                    **self.node_config.get(pid, {}),
+                },
                 state=RecordDict(),
                 run_config={},
             )
-            reply = clients.app.train(msg, context)
+            try:
+                reply = clients.app.train(msg, context)
+            except Exception as err:  # a SuperNode turns a ClientApp exception into this
+                reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             self.trained.append((int(msg.content.config_records["config"]["server-round"]), pid))
             if self.tamper is not None:
                 reply = self.tamper(pid, reply)

@@ -103,3 +103,11 @@ def test_quantized_base_is_cached_on_disk_and_reused(nf4_cfg: Config, monkeypatc
 
     assert calls == [], "a cached NF4 base is loaded, not quantized again"
     assert reloaded.is_loaded_in_4bit
+
+
+def test_lora_model_is_built_once_per_process(tiny_cfg: Config) -> None:
+    first, tok = model.get_lora_model(tiny_cfg)
+    again, tok_again = model.get_lora_model(
+        replace(tiny_cfg, output=replace(tiny_cfg.output, dir="x"))
+    )
+    assert first is again and tok is tok_again

@@ -143,3 +143,17 @@ def test_round_directory_loads_with_peft(cache_dir: Path, tmp_path: Path) -> Non
     loaded = adapters.get_adapter_state(model)
     assert set(loaded) == set(saved)
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_client_at_another_rank_is_dropped_with_the_reason(
+    cache_dir: Path, tmp_path: Path, caplog
+) -> None:
+    cfg = tiny_config(cache_dir, tmp_path / "run", "server.rounds=1", "server.min_replies=2")
+    grid = InProcessGrid(3, node_config={2: {"lora-rank": 8}})
+
+    with caplog.at_level("WARNING", logger="fedllama"):
+        rows = run_server(grid, cfg, strategies.build("fedavg"))  # type: ignore[arg-type]
+
+    assert rows[-1]["clients_ok"] == 2 and rows[-1]["clients_dropped"] == 1
+    assert "dropped node 102: error reply" in caplog.text
+    assert "global rank 4, got a client of rank 8" in caplog.text
