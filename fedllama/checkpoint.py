@@ -8,6 +8,7 @@ Layout of ``output.dir``::
     round-NNN/               after round NNN:
         adapter_config.json, adapter_model.safetensors   a PEFT adapter (loads with peft)
         server_state.safetensors                         the strategy's global state
+        optimizer_state.safetensors                      the server optimizer's moments
     loss.png                 eval/train loss per round
 
 A round directory is written under a temporary name and renamed when complete, so a crash never
@@ -30,6 +31,7 @@ from fedllama.adapters import AdapterState
 from fedllama.config import Config, ConfigError, from_yaml, to_yaml
 
 SERVER_STATE = "server_state.safetensors"
+OPTIMIZER_STATE = "optimizer_state.safetensors"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 _ROUND_DIR = re.compile(r"^round-(\d{3,})$")
@@ -45,16 +47,18 @@ def save_round(
     server_round: int,
     global_state: AdapterState,
     adapter: AdapterState,
+    optimizer_state: AdapterState,
     cfg: Config,
     base_dir: Path,
 ) -> Path:
-    """Write ``round-NNN`` atomically: the PEFT adapter and the server's global state."""
+    """Write ``round-NNN`` atomically: the PEFT adapter, global state and optimizer state."""
     final = round_dir(out, server_round)
     tmp = out / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     adapters.save_adapter(tmp, adapter, asdict(cfg.lora), base_dir)
     save_file({k: v.contiguous() for k, v in global_state.items()}, str(tmp / SERVER_STATE))
+    save_file({k: v.contiguous() for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER_STATE))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -73,16 +77,17 @@ def last_round(out: Path) -> int | None:
     return max(rounds) if rounds else None
 
 
-def load_global(out: Path, server_round: int) -> AdapterState:
-    """The strategy's global state saved after ``server_round``."""
-    return load_file(str(round_dir(out, server_round) / SERVER_STATE))
+def load_global(out: Path, server_round: int) -> tuple[AdapterState, AdapterState]:
+    """The strategy's global state and the optimizer state saved after ``server_round``."""
+    directory = round_dir(out, server_round)
+    return load_file(str(directory / SERVER_STATE)), load_file(str(directory / OPTIMIZER_STATE))
 
 
 _MUST_MATCH = ("model", "lora", "strategy", "data")
 
 
 def check_resumable(out: Path, cfg: Config) -> None:
-    """Refuse to resume a run whose model, LoRA, strategy or data settings differ."""
+    """Refuse to resume a run whose model, LoRA, strategy, data or optimizer settings differ."""
     saved_path = out / CONFIG
     if not saved_path.is_file():
         return
@@ -94,6 +99,11 @@ def check_resumable(out: Path, cfg: Config) -> None:
                 f"(saved: {asdict(getattr(saved, section))}); use a new output.dir or the "
                 "same settings to resume"
             )
+    if saved.server.optimizer != cfg.server.optimizer:
+        raise ConfigError(
+            f"output.dir={str(out)!r} holds a run with server.optimizer="
+            f"{saved.server.optimizer}; its saved moments do not fit {cfg.server.optimizer}"
+        )
 
 
 def write_config(out: Path, cfg: Config) -> None:

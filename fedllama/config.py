@@ -24,7 +24,7 @@ QUANTIZATIONS = ("nf4", "none")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 PARTITIONS = ("institution", "iid", "dirichlet")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-SERVER_OPTIMIZERS = ("sgd",)
+SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
 
 
 class ConfigError(ValueError):
@@ -198,8 +198,17 @@ class ServerConfig:
 
     rounds: int = 3
     optimizer: str = "sgd"
+    """``sgd``, ``avgm`` (FedAvgM), ``adam`` (FedAdam) or ``yogi`` (FedYogi)."""
     lr: float = 1.0
     """Server learning rate on the aggregated delta (sgd with lr 1 = plain FedAvg)."""
+    momentum: float = 0.9
+    """``avgm``'s momentum β."""
+    beta1: float = 0.9
+    """``adam``/``yogi`` first-moment decay."""
+    beta2: float = 0.99
+    """``adam``/``yogi`` second-moment decay."""
+    tau: float = 1e-3
+    """``adam``/``yogi`` adaptivity (ε); v starts at τ²."""
     fraction_train: float = 1.0
     min_replies: int = 1
     """Good replies a round needs; fewer and the run stops, the last round kept."""
@@ -211,6 +220,10 @@ class ServerConfig:
         _require(self.rounds >= 1, "server.rounds", f"must be >= 1, got {self.rounds}")
         _one_of(self.optimizer, "server.optimizer", SERVER_OPTIMIZERS)
         _require(self.lr > 0, "server.lr", f"must be > 0, got {self.lr}")
+        for key in ("momentum", "beta1", "beta2"):
+            value = getattr(self, key)
+            _require(0.0 <= value < 1.0, f"server.{key}", f"must be in [0, 1), got {value}")
+        _require(self.tau > 0, "server.tau", f"must be > 0, got {self.tau}")
         _require(
             0.0 < self.fraction_train <= 1.0,
             "server.fraction_train",

@@ -76,33 +76,3 @@ class SumAccumulator:
                     )
                 self.total[k].add_(v)
         self.count += 1
-
-
-class ServerOptimizer(Protocol):
-    """Applies an aggregated delta to the global state."""
-
-    def step(self, global_state: AdapterState, delta: AdapterState) -> AdapterState:
-        """New global state."""
-        ...
-
-
-class ServerSGD:
-    """``x <- x + lr·Δ``; with lr 1 this is plain FedAvg (McMahan et al., AISTATS 2017)."""
-
-    def __init__(self, lr: float = 1.0) -> None:
-        self.lr = lr
-
-    def step(self, global_state: AdapterState, delta: AdapterState) -> AdapterState:
-        """New global state."""
-        missing = set(global_state) ^ set(delta)
-        if missing:
-            raise MergeError(f"aggregated delta keys differ from the global state: {missing}")
-        return {k: global_state[k] + self.lr * delta[k] for k in global_state}
-
-
-def build_server_optimizer(name: str, lr: float) -> ServerOptimizer:
-    """Server optimizer by name (``server.optimizer``)."""
-    optimizers = {"sgd": ServerSGD}
-    if name not in optimizers:
-        raise ValueError(f"server.optimizer: unknown {name!r}; valid: {', '.join(optimizers)}")
-    return optimizers[name](lr)

@@ -268,6 +268,25 @@ def _has_module(model: torch.nn.Module, suffix: str) -> bool:
     return any(name.split(".")[-1] == suffix for name, _ in model.named_modules())
 
 
+def fresh_adapter(lora_model: Any, seed: int) -> dict[str, torch.Tensor]:
+    """peft's default LoRA init (A Kaiming-uniform, B zero) drawn from ``seed``, as a state dict.
+
+    The model is cached per process and holds whatever adapter was loaded last, so the initial
+    global adapter is re-drawn here rather than read off the model.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    from fedllama.adapters import get_adapter_state
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in lora_model.modules():
+            if isinstance(module, LoraLayer):
+                for name in module.lora_A:
+                    module.reset_lora_parameters(name, True)
+        return get_adapter_state(lora_model)
+
+
 _CACHE: dict[str, tuple[Any, PreTrainedTokenizerBase]] = {}
 
 

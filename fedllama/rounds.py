@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
@@ -21,7 +20,8 @@ from fedllama import adapters, checkpoint, data, model, report, train
 from fedllama.adapters import AdapterState
 from fedllama.config import Config, to_yaml
 from fedllama.flower import FedLlamaStrategy, stream_replies
-from fedllama.merge import MergeStrategy, build_server_optimizer
+from fedllama.merge import MergeStrategy
+from fedllama.optimizer import build_server_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ class Evaluator:
         self.examples = data.encode_all(self.tokenizer, held, cfg.data)
 
     def initial_adapter(self) -> AdapterState:
-        """The freshly initialised adapter (peft's init: A random, B zero)."""
-        return adapters.get_adapter_state(self.model)
+        """A freshly initialised adapter (peft's init: A random, B zero) from ``data.seed``."""
+        return model.fresh_adapter(self.model, self.cfg.data.seed)
 
     def __call__(self, adapter: AdapterState) -> float:
         if not self.cfg.server.evaluate:
@@ -89,9 +89,8 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, 
     checkpoint.check_resumable(out, cfg)
     checkpoint.write_config(out, cfg)
     base_dir = model.resolve_base_dir(cfg.model)
-    torch.manual_seed(cfg.data.seed)  # the initial LoRA A is drawn when the model is built
     evaluator = Evaluator(cfg)
-    optimizer = build_server_optimizer(cfg.server.optimizer, cfg.server.lr)
+    optimizer = build_server_optimizer(cfg.server)
     strategy = FedLlamaStrategy(
         merge,
         to_yaml(cfg),
@@ -106,7 +105,7 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, 
         t0 = time.perf_counter()
         view = merge.client_view(global_state, cfg.lora.r)
         eval_loss = evaluator(view)
-        checkpoint.save_round(out, 0, global_state, view, cfg, base_dir)
+        checkpoint.save_round(out, 0, global_state, view, optimizer.state_dict(), cfg, base_dir)
         checkpoint.truncate_metrics(out, -1)
         checkpoint.append_metrics(
             out,
@@ -122,7 +121,8 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, 
         log.info("round 0 (initial adapter): eval_loss %.4f", eval_loss)
         done = 0
     else:
-        global_state = checkpoint.load_global(out, done)
+        global_state, optimizer_state = checkpoint.load_global(out, done)
+        optimizer.load_state_dict(optimizer_state)
         checkpoint.truncate_metrics(out, done)
         if done >= cfg.server.rounds:
             log.info("%s already holds %d rounds; nothing to do", out, done)
@@ -150,7 +150,9 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, 
         global_state = optimizer.step(global_state, rep.delta)
         view = merge.client_view(global_state, cfg.lora.r)
         eval_loss = evaluator(view)
-        checkpoint.save_round(out, server_round, global_state, view, cfg, base_dir)
+        checkpoint.save_round(
+            out, server_round, global_state, view, optimizer.state_dict(), cfg, base_dir
+        )
         row = {
             "round": server_round,
             "eval_loss": eval_loss,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import strategies
-from fedllama.merge import WEIGHT_KEY, MergeError, ServerSGD, SumAccumulator
+from fedllama.merge import WEIGHT_KEY, MergeError, SumAccumulator
 from strategies.fedavg import FedAvg
 
 A = "base_model.model.layer.q_proj.lora_A.weight"
@@ -77,11 +77,6 @@ def test_accumulator_rejects_mismatched_shapes_and_keys() -> None:
         acc.add({A: torch.ones(3, 2)})
     with pytest.raises(MergeError, match="keys differ"):
         acc.add({B: torch.ones(2, 2)})
-
-
-def test_server_sgd_applies_lr_times_delta() -> None:
-    out = ServerSGD(lr=0.5).step({A: torch.tensor([1.0, 1.0])}, {A: torch.tensor([2.0, -4.0])})
-    assert out[A].tolist() == [2.0, -1.0]
 
 
 def test_registry_builds_by_name_and_flags_summable() -> None:
