@@ -25,7 +25,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 typecheck: setup
-	$(BIN)/mypy fedllama strategies
+	$(BIN)/mypy fedllama strategies server clients
 
 bench: setup
 	$(BIN)/python bench/run.py

@@ -17,7 +17,6 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -66,7 +65,7 @@ def bench_client(args: argparse.Namespace) -> None:
         plain = prepare_model_for_kbit_training(plain, use_gradient_checkpointing=False)
     else:
         plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    plain = get_peft_model(plain, LoraConfig(**asdict(cfg.lora), task_type="CAUSAL_LM"))
+    plain = get_peft_model(plain, LoraConfig(**cfg.lora.peft_kwargs(), task_type="CAUSAL_LM"))
     adapters.set_adapter_state(plain, view)
     rng = np.random.default_rng(0)
     batches = [

@@ -24,17 +24,21 @@ def train(msg: Message, context: Context) -> Message:
     setup_logging()
     settings = msg.content.config_records[CONFIG]
     node = NodeSettings.from_node_config(dict(context.node_config))
-    cfg = node.apply(from_yaml(str(settings[CONFIG_YAML])))
+    run_cfg = from_yaml(str(settings[CONFIG_YAML]))
+    cfg = node.apply(run_cfg)
     split = load_split(cfg, node)
-    merge = strategies.build(cfg.strategy.name)
-    view = merge.client_view(from_record(msg.content.array_records[ARRAYS]), cfg.lora.r)
+    merge = strategies.build(run_cfg)
+    rank = node.rank(run_cfg)
+    view = merge.client_view(from_record(msg.content.array_records[ARRAYS]), rank)
     result = run_round(
         cfg,
         merge,
         view,
         split,
-        server_round=int(settings[ROUND]),  # type: ignore[call-overload]
+        server_round=int(str(settings[ROUND])),
         client_id=node.partition_id if node.partition_id is not None else -1,
+        rank=rank,
     )
-    content = RecordDict({ARRAYS: to_record(result.encoded), METRICS: MetricRecord(result.metrics)})
+    metrics = MetricRecord(dict(result.metrics.items()))  # type: ignore[arg-type]
+    content = RecordDict({ARRAYS: to_record(result.encoded), METRICS: metrics})
     return Message(content=content, reply_to=msg)

@@ -84,7 +84,7 @@ def save_adapter(
     Args:
         directory: created if missing.
         state: adapter weights keyed like :func:`get_adapter_state`.
-        lora: ``peft.LoraConfig`` keyword arguments (``asdict(cfg.lora)``).
+        lora: ``peft.LoraConfig`` keyword arguments (``cfg.lora.peft_kwargs()``).
         base_dir: local base model directory recorded as ``base_model_name_or_path``.
     """
     from peft import LoraConfig

@@ -7,6 +7,7 @@ Layout of ``output.dir``::
     round-000/               the initial global adapter
     round-NNN/               after round NNN:
         adapter_config.json, adapter_model.safetensors   a PEFT adapter (loads with peft)
+        rank-RR/                                         the same at client rank RR (mixed ranks)
         server_state.safetensors                         the strategy's global state
         optimizer_state.safetensors                      the server optimizer's moments
     loss.png                 eval/train loss per round
@@ -50,15 +51,20 @@ def save_round(
     optimizer_state: AdapterState,
     cfg: Config,
     base_dir: Path,
+    rank_views: dict[int, AdapterState] | None = None,
 ) -> Path:
-    """Write ``round-NNN`` atomically: the PEFT adapter, global state and optimizer state."""
+    """Write ``round-NNN`` atomically: the PEFT adapter, global state and optimizer state,
+    plus ``rank-RR/`` PEFT adapters of the views for client ranks other than ``lora.r``."""
     final = round_dir(out, server_round)
     tmp = out / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    adapters.save_adapter(tmp, adapter, asdict(cfg.lora), base_dir)
+    adapters.save_adapter(tmp, adapter, cfg.lora.peft_kwargs(), base_dir)
     save_file({k: v.contiguous() for k, v in global_state.items()}, str(tmp / SERVER_STATE))
     save_file({k: v.contiguous() for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER_STATE))
+    for rank, view in sorted((rank_views or {}).items()):
+        lora = cfg.lora.at_rank(rank).peft_kwargs()
+        adapters.save_adapter(tmp / f"rank-{rank:02d}", view, lora, base_dir)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -16,7 +16,7 @@ import torch
 from fedllama import adapters, data, model, train
 from fedllama.adapters import AdapterState
 from fedllama.config import Config
-from fedllama.merge import MergeStrategy
+from fedllama.merge import MergeStrategy, frozen_key
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +65,25 @@ class NodeSettings:
             local_steps=get_int("local-steps"),
         )
 
+    def rank(self, cfg: Config) -> int:
+        """This node's LoRA rank: ``lora-rank``, else ``lora.client_ranks`` by partition, else
+        ``lora.r``."""
+        if self.lora_rank is not None:
+            return self.lora_rank
+        if cfg.lora.client_ranks and self.partition_id is not None:
+            return cfg.lora.client_ranks[self.partition_id % len(cfg.lora.client_ranks)]
+        return cfg.lora.r
+
     def apply(self, cfg: Config) -> Config:
-        """The run config with this node's overrides."""
+        """The run config with this node's device, batch size and local steps (not its rank:
+        see :meth:`rank`)."""
         model_cfg = replace(cfg.model, device=self.device) if self.device else cfg.model
         train_cfg = cfg.train
         if self.batch_size is not None:
             train_cfg = replace(train_cfg, batch_size=self.batch_size)
         if self.local_steps is not None:
             train_cfg = replace(train_cfg, local_steps=self.local_steps)
-        lora_cfg = replace(cfg.lora, r=self.lora_rank) if self.lora_rank else cfg.lora
-        return replace(cfg, model=model_cfg, train=train_cfg, lora=lora_cfg)
+        return replace(cfg, model=model_cfg, train=train_cfg)
 
 
 def load_split(cfg: Config, node: NodeSettings) -> data.Split:
@@ -128,10 +137,15 @@ def run_round(
     split: data.Split,
     server_round: int,
     client_id: int,
+    rank: int | None = None,
 ) -> RoundOutput:
-    """Train from ``view`` on ``split.train`` and encode the delta (trained - view)."""
-    lora_model, tok = model.get_lora_model(cfg)
+    """Train from ``view`` (at LoRA rank ``rank``, default ``lora.r``) on ``split.train`` and
+    encode the delta (trained - view) of the factors the strategy trains this round."""
+    rank = cfg.lora.r if rank is None else rank
+    lora_model, tok = model.get_lora_model(replace(cfg, lora=cfg.lora.at_rank(rank)))
     adapters.set_adapter_state(lora_model, view)
+    frozen = merge.frozen(server_round)
+    model.set_frozen(lora_model, frozen)
     train_set = data.encode_all(tok, split.train, cfg.data)
     eval_set = data.encode_all(tok, split.eval[: cfg.train.client_eval_size], cfg.data)
     pad_id = int(tok.pad_token_id)
@@ -157,14 +171,14 @@ def run_round(
         progress=progress,
     )
     trained = adapters.get_adapter_state(lora_model)
-    delta = adapters.subtract(trained, view)
+    delta = {k: v for k, v in adapters.subtract(trained, view).items() if not frozen_key(k, frozen)}
     metrics: dict[str, float | int] = {
         "num-examples": result.num_examples,
         "train-loss": result.train_loss,
         "steps": result.steps,
         "seconds": result.seconds,
         "tokens": result.tokens,
-        "lora-rank": cfg.lora.r,
+        "lora-rank": rank,
         "partition-id": client_id,
     }
     if eval_set:

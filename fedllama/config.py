@@ -5,14 +5,14 @@ turned into typed dataclasses (``OmegaConf.to_object``); everything downstream t
 a ``DictConfig``. Unknown keys, wrong types and bad values raise :class:`ConfigError` naming the
 key and what is allowed, before any model or data is touched.
 
-Key names follow the library they are passed to, so ``peft.LoraConfig(**asdict(cfg.lora))``
-works unchanged.
+Key names follow the library they are passed to, so ``peft.LoraConfig(**cfg.lora.peft_kwargs())``
+works unchanged (``peft_kwargs`` only drops ``client_ranks``, which is ours).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +78,31 @@ class LoraConfig:
     """LoRA settings, named exactly as ``peft.LoraConfig`` names them."""
 
     r: int = 8
-    lora_alpha: int = 16
+    """Global LoRA rank (and every client's, unless ``client_ranks`` says otherwise)."""
+    lora_alpha: float = 16
     lora_dropout: float = 0.0
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     bias: str = "none"
+    client_ranks: list[int] = field(default_factory=list)
+    """Simulation only: client p trains at rank ``client_ranks[p % len]`` (each <= r). A
+    deployment's SuperNode sets its rank with ``--node-config 'lora-rank=16'``. Not a peft key."""
+
+    def peft_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``peft.LoraConfig``."""
+        kwargs = asdict(self)
+        del kwargs["client_ranks"]
+        return kwargs
+
+    def at_rank(self, rank: int) -> LoraConfig:
+        """This config for a client of another rank, with ``lora_alpha`` scaled by rank/r.
+
+        Keeping peft's scale lora_alpha/r equal across ranks makes rank slot i mean the same on
+        every client, so slots can be averaged across ranks.
+        """
+        alpha = self.lora_alpha * rank / self.r
+        return replace(self, r=rank, lora_alpha=alpha, client_ranks=[])
 
     def __post_init__(self) -> None:
         _require(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
@@ -95,6 +114,12 @@ class LoraConfig:
         )
         _require(len(self.target_modules) > 0, "lora.target_modules", "must not be empty")
         _one_of(self.bias, "lora.bias", ("none",))
+        for rank in self.client_ranks:
+            _require(
+                1 <= rank <= self.r,
+                "lora.client_ranks",
+                f"each rank must be in 1..lora.r={self.r}, got {rank}",
+            )
 
 
 @dataclass

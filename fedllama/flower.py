@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedllama.adapters import AdapterState
-from fedllama.merge import MergeError, MergeStrategy, SumAccumulator
+from fedllama.merge import MergeError, MergeStrategy, SumAccumulator, frozen_key
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +195,12 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         self.spec = ReplySpec(shapes={})
         self.report = RoundReport()
 
-    def set_global(self, global_state: AdapterState) -> None:
-        """Install the global state the next round starts from."""
+    def set_global(self, global_state: AdapterState, server_round: int) -> None:
+        """Install the global state ``server_round`` starts from, and the replies it expects."""
         self.global_state = global_state
         view = self.merge.client_view(global_state, self.rank)
-        zero = {k: torch.zeros_like(v) for k, v in view.items()}
+        frozen = self.merge.frozen(server_round)
+        zero = {k: torch.zeros_like(v) for k, v in view.items() if not frozen_key(k, frozen)}
         encoded = self.merge.encode(zero, 1.0)
         self.spec = ReplySpec(shapes={k: tuple(v.shape) for k, v in encoded.items()})
 

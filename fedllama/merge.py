@@ -34,6 +34,15 @@ class MergeStrategy(Protocol):
 
     name: ClassVar[str]
     summable: ClassVar[bool]
+    mixed_ranks: ClassVar[bool]
+    """Whether clients of different LoRA ranks can take part."""
+
+    def frozen(self, server_round: int) -> frozenset[str]:
+        """LoRA factors (``"lora_A"``, ``"lora_B"``) clients keep fixed in ``server_round``.
+
+        Frozen factors are neither trained nor sent; ``decode`` returns a zero delta for them.
+        """
+        ...
 
     def init_global(self, initial: AdapterState) -> AdapterState:
         """Global state from the initial adapter (peft's fresh init at ``lora.r``)."""
@@ -44,12 +53,22 @@ class MergeStrategy(Protocol):
         ...
 
     def encode(self, delta: AdapterState, weight: float) -> AdapterState:
-        """Fixed-shape tensors a client sends for its ``delta`` (trained - view)."""
+        """Fixed-shape tensors a client sends for its ``delta`` (trained - view).
+
+        ``delta`` holds the trained (not frozen) keys of the client's view, at the client's
+        rank; the encoding's shapes must not depend on that rank, so that encodings can be
+        summed (and, under secure aggregation, masked) elementwise.
+        """
         ...
 
     def decode(self, summed: AdapterState, global_state: AdapterState) -> AdapterState:
-        """Aggregated delta, in global form, from the sum of every client's encoding."""
+        """Aggregated delta for every key of ``global_state``, from the sum of the encodings."""
         ...
+
+
+def frozen_key(key: str, frozen: frozenset[str]) -> bool:
+    """Whether an adapter key belongs to a frozen factor (``...lora_A.weight`` for "lora_A")."""
+    return any(f".{factor}." in key for factor in frozen)
 
 
 class SumAccumulator:

@@ -254,7 +254,7 @@ def build_lora_model(cfg: Config, base: PreTrainedModel) -> Any:
     elif cfg.train.gradient_checkpointing:
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()
-    lora = LoraConfig(**asdict(cfg.lora), task_type="CAUSAL_LM")
+    lora = LoraConfig(**cfg.lora.peft_kwargs(), task_type="CAUSAL_LM")
     missing = [m for m in cfg.lora.target_modules if not _has_module(base, m)]
     if missing:
         raise ModelError(
@@ -290,8 +290,21 @@ def fresh_adapter(lora_model: Any, seed: int) -> dict[str, torch.Tensor]:
 _CACHE: dict[str, tuple[Any, PreTrainedTokenizerBase]] = {}
 
 
+def set_frozen(lora_model: Any, frozen: frozenset[str]) -> None:
+    """Train every LoRA factor except the ``frozen`` ones (``"lora_A"``, ``"lora_B"``)."""
+    from fedllama.merge import frozen_key
+
+    for name, param in lora_model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            param.requires_grad_(not frozen_key(name, frozen))
+
+
+_CACHE_SIZE = 4
+"""LoRA models kept per process: a simulation actor may serve clients of several ranks."""
+
+
 def _cache_key(cfg: Config) -> str:
-    return json.dumps([asdict(cfg.model), asdict(cfg.lora), cfg.train.gradient_checkpointing])
+    return json.dumps([asdict(cfg.model), cfg.lora.peft_kwargs(), cfg.train.gradient_checkpointing])
 
 
 def get_lora_model(cfg: Config) -> tuple[Any, PreTrainedTokenizerBase]:
@@ -304,6 +317,7 @@ def get_lora_model(cfg: Config) -> tuple[Any, PreTrainedTokenizerBase]:
     if key not in _CACHE:
         base = load_base(cfg.model)
         tokenizer = load_tokenizer(resolve_base_dir(cfg.model))
-        _CACHE.clear()  # one model per process: a new config replaces the old one
+        while len(_CACHE) >= _CACHE_SIZE:
+            del _CACHE[next(iter(_CACHE))]  # the oldest
         _CACHE[key] = (build_lora_model(cfg, base), tokenizer)
     return _CACHE[key]

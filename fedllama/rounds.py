@@ -99,13 +99,19 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, 
         min_nodes=cfg.server.min_replies,
     )
 
+    def rank_views() -> dict[int, AdapterState]:
+        ranks = set(cfg.lora.client_ranks) - {cfg.lora.r}
+        return {r: merge.client_view(global_state, r) for r in ranks}
+
     done = checkpoint.last_round(out)
     if done is None:
         global_state = merge.init_global(evaluator.initial_adapter())
         t0 = time.perf_counter()
         view = merge.client_view(global_state, cfg.lora.r)
         eval_loss = evaluator(view)
-        checkpoint.save_round(out, 0, global_state, view, optimizer.state_dict(), cfg, base_dir)
+        checkpoint.save_round(
+            out, 0, global_state, view, optimizer.state_dict(), cfg, base_dir, rank_views()
+        )
         checkpoint.truncate_metrics(out, -1)
         checkpoint.append_metrics(
             out,
@@ -131,7 +137,7 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, 
 
     for server_round in range(done + 1, cfg.server.rounds + 1):
         t0 = time.perf_counter()
-        strategy.set_global(global_state)
+        strategy.set_global(global_state, server_round)
         messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
         log.info(
             "round %d/%d: training on %d clients", server_round, cfg.server.rounds, len(messages)
@@ -151,7 +157,14 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, 
         view = merge.client_view(global_state, cfg.lora.r)
         eval_loss = evaluator(view)
         checkpoint.save_round(
-            out, server_round, global_state, view, optimizer.state_dict(), cfg, base_dir
+            out,
+            server_round,
+            global_state,
+            view,
+            optimizer.state_dict(),
+            cfg,
+            base_dir,
+            rank_views(),
         )
         row = {
             "round": server_round,

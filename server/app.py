@@ -30,7 +30,15 @@ app = ServerApp()
 
 def check(cfg: Config) -> None:
     """Checks that need the strategy registry (run before any model or data is loaded)."""
-    strategies.build(cfg.strategy.name)
+    strategy = strategies.build(cfg)
+    mixed = sorted(set(cfg.lora.client_ranks) - {cfg.lora.r})
+    if mixed and not strategy.mixed_ranks:
+        able = [n for n, build in sorted(strategies.REGISTRY.items()) if build(cfg).mixed_ranks]
+        raise config_lib.ConfigError(
+            f"lora.client_ranks: strategy {strategy.name} needs every client at lora.r="
+            f"{cfg.lora.r}, but client_ranks has {mixed}; use a mixed-rank strategy "
+            f"({', '.join(able)})"
+        )
 
 
 def load_run_config(run_config: dict[str, object]) -> Config:
@@ -52,7 +60,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run or resume the federation described by the config."""
     setup_logging()
     cfg = load_run_config(dict(context.run_config))
-    rows = run_server(grid, cfg, strategies.build(cfg.strategy.name))
+    rows = run_server(grid, cfg, strategies.build(cfg))
     log.info(
         "finished; metrics in %s\n%s", Path(cfg.output.dir) / "metrics.jsonl", report.summary(rows)
     )

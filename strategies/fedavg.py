@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from fedllama.adapters import AdapterState
+from fedllama.config import Config
 from fedllama.merge import WEIGHT_KEY, MergeError
 
 
@@ -21,6 +22,14 @@ class FedAvg:
 
     name: ClassVar[str] = "fedavg"
     summable: ClassVar[bool] = True
+    mixed_ranks: ClassVar[bool] = False
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        """FedAvg has no settings."""
+
+    def frozen(self, server_round: int) -> frozenset[str]:
+        """Both factors train."""
+        return frozenset()
 
     def init_global(self, initial: AdapterState) -> AdapterState:
         """The global state is the adapter itself."""

@@ -7,11 +7,15 @@ Flower's own strategy tests fake replies instead of starting a network.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import clients.app
+import strategies
+from fedllama.config import Config
+from fedllama.rounds import run_server
 
 Tamper = Callable[[int, Message], Message | None]
 
@@ -72,3 +76,8 @@ class InProcessGrid:
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def run(grid: InProcessGrid, cfg: Config) -> list[dict[str, Any]]:
+    """The real server loop over an in-process grid."""
+    return run_server(grid, cfg, strategies.build(cfg))  # type: ignore[arg-type]

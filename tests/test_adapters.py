@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -69,7 +68,7 @@ def test_saved_directory_round_trips_through_peft(
 
     state = {k: torch.randn_like(v) for k, v in adapters.get_adapter_state(lora_model).items()}
     base_dir = model.resolve_base_dir(tiny_cfg.model)
-    adapters.save_adapter(tmp_path / "a", state, asdict(tiny_cfg.lora), base_dir)
+    adapters.save_adapter(tmp_path / "a", state, tiny_cfg.lora.peft_kwargs(), base_dir)
 
     loaded_state, config = adapters.load_adapter(tmp_path / "a")
     peft_model = PeftModel.from_pretrained(

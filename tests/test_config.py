@@ -39,18 +39,16 @@ def test_overrides_win_over_yaml() -> None:
 
 
 def test_lora_section_feeds_peft_unchanged() -> None:
-    from dataclasses import asdict
-
     import peft
 
-    lora = peft.LoraConfig(**asdict(config_lib.load().lora))
+    lora = peft.LoraConfig(**config_lib.load(None, ["lora.client_ranks=[2,4]"]).lora.peft_kwargs())
     assert lora.r == 8
 
 
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("lora.rank=4", "lora.rank: unknown key; valid keys here: bias, lora_alpha"),
+        ("lora.rank=4", "lora.rank: unknown key; valid keys here: bias, client_ranks, lora_alpha"),
         ("trainer.lr=1", "trainer: unknown key"),
         ("lora.r=four", "lora.r: Value 'four'"),
         ("server.rounds=1.5", "server.rounds"),

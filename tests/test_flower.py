@@ -106,7 +106,7 @@ def _reply(node: int, content: RecordDict) -> Message:
 
 def test_aggregate_drops_bad_reply_logs_node_and_averages_the_rest(caplog) -> None:
     strategy = FedLlamaStrategy(FedAvg(), config_yaml="", rank=2)
-    strategy.set_global({A: torch.zeros(2, 3), B: torch.zeros(3, 2)})
+    strategy.set_global({A: torch.zeros(2, 3), B: torch.zeros(3, 2)}, 1)
     good1 = {
         **_good(),
         A: np.full((2, 3), 1.0, np.float32),

@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import strategies
 from fedllama import adapters, config
 from fedllama.config import ConfigError
 from fedllama.optimizer import ServerAdaptive, ServerAvgM, ServerSGD, build_server_optimizer
-from fedllama.rounds import run_server
 from tests.conftest import tiny_config
 from tests.grid import InProcessGrid
+from tests.grid import run as _run
 
 K = "w"
 
@@ -66,31 +65,23 @@ def test_builder_reads_server_section() -> None:
 
 
 def test_resumed_run_keeps_the_optimizer_moments(cache_dir: Path, tmp_path: Path) -> None:
-    fedavg = strategies.build("fedavg")
     straight = tmp_path / "straight"
-    run_server(
+    _run(
         InProcessGrid(3),
         tiny_config(cache_dir, straight, "server.optimizer=adam", "server.lr=0.01"),
-        fedavg,
-    )  # type: ignore[arg-type]
+    )
     split = tmp_path / "split"
-    run_server(
+    _run(
         InProcessGrid(3),
         tiny_config(cache_dir, split, "server.optimizer=adam", "server.lr=0.01", "server.rounds=1"),
-        fedavg,
-    )  # type: ignore[arg-type]
-    run_server(
-        InProcessGrid(3),
-        tiny_config(cache_dir, split, "server.optimizer=adam", "server.lr=0.01"),
-        fedavg,
-    )  # type: ignore[arg-type]
+    )
+    _run(InProcessGrid(3), tiny_config(cache_dir, split, "server.optimizer=adam", "server.lr=0.01"))
 
     a, _ = adapters.load_adapter(straight / "round-002")
     b, _ = adapters.load_adapter(split / "round-002")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(ConfigError, match="server.optimizer=adam"):
-        run_server(
+        _run(
             InProcessGrid(3),
             tiny_config(cache_dir, split, "server.optimizer=yogi", "server.rounds=3"),
-            fedavg,
-        )  # type: ignore[arg-type]
+        )

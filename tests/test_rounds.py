@@ -10,13 +10,13 @@ import pytest
 import torch
 from flwr.app import Array, Message
 
-import strategies
 from fedllama import adapters, checkpoint
 from fedllama.config import ConfigError
 from fedllama.flower import ARRAYS
-from fedllama.rounds import RoundFailed, run_server
+from fedllama.rounds import RoundFailed
 from tests.conftest import tiny_config
 from tests.grid import InProcessGrid
+from tests.grid import run as _run
 
 REQUIRED = {"round", "eval_loss", "train_loss", "bytes_up", "bytes_down", "seconds"}
 
@@ -25,7 +25,7 @@ def test_two_rounds_write_peft_rounds_and_metrics(cache_dir: Path, tmp_path: Pat
     cfg = tiny_config(cache_dir, tmp_path / "run")
     grid = InProcessGrid(3)
 
-    rows = run_server(grid, cfg, strategies.build("fedavg"))  # type: ignore[arg-type]
+    rows = _run(grid, cfg)
 
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows:
@@ -42,15 +42,11 @@ def test_two_rounds_write_peft_rounds_and_metrics(cache_dir: Path, tmp_path: Pat
 
 def test_rerun_resumes_after_last_completed_round(cache_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    run_server(
-        InProcessGrid(3), tiny_config(cache_dir, out, "server.rounds=1"), strategies.build("fedavg")
-    )  # type: ignore[arg-type]
+    _run(InProcessGrid(3), tiny_config(cache_dir, out, "server.rounds=1"))
     saved, _ = adapters.load_adapter(out / "round-001")
     grid = InProcessGrid(3)
 
-    rows = run_server(
-        grid, tiny_config(cache_dir, out, "server.rounds=2"), strategies.build("fedavg")
-    )  # type: ignore[arg-type]
+    rows = _run(grid, tiny_config(cache_dir, out, "server.rounds=2"))
 
     assert {r for r, _ in grid.trained} == {2}, "only round 2 is trained again"
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -67,15 +63,11 @@ def test_crash_mid_round_then_rerun_redoes_only_that_round(cache_dir: Path, tmp_
         return reply
 
     with pytest.raises(KeyboardInterrupt):
-        run_server(
-            InProcessGrid(2, crash_in_round_2),
-            tiny_config(cache_dir, out),
-            strategies.build("fedavg"),
-        )  # type: ignore[arg-type]
+        _run(InProcessGrid(2, crash_in_round_2), tiny_config(cache_dir, out))
     assert checkpoint.last_round(out) == 1
     grid = InProcessGrid(3)
 
-    rows = run_server(grid, tiny_config(cache_dir, out), strategies.build("fedavg"))  # type: ignore[arg-type]
+    rows = _run(grid, tiny_config(cache_dir, out))
 
     assert {r for r, _ in grid.trained} == {2}
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -83,13 +75,9 @@ def test_crash_mid_round_then_rerun_redoes_only_that_round(cache_dir: Path, tmp_
 
 def test_resume_refuses_different_model_settings(cache_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    run_server(
-        InProcessGrid(3), tiny_config(cache_dir, out, "server.rounds=1"), strategies.build("fedavg")
-    )  # type: ignore[arg-type]
+    _run(InProcessGrid(3), tiny_config(cache_dir, out, "server.rounds=1"))
     with pytest.raises(ConfigError, match="different lora settings"):
-        run_server(
-            InProcessGrid(3), tiny_config(cache_dir, out, "lora.r=8"), strategies.build("fedavg")
-        )  # type: ignore[arg-type]
+        _run(InProcessGrid(3), tiny_config(cache_dir, out, "lora.r=8"))
 
 
 def _poison(pid: int, reply: Message) -> Message:
@@ -106,7 +94,7 @@ def test_bad_reply_is_dropped_and_round_goes_on(cache_dir: Path, tmp_path: Path,
     cfg = tiny_config(cache_dir, tmp_path / "run", "server.rounds=1", "server.min_replies=2")
 
     with caplog.at_level("WARNING", logger="fedllama"):
-        rows = run_server(InProcessGrid(3, _poison), cfg, strategies.build("fedavg"))  # type: ignore[arg-type]
+        rows = _run(InProcessGrid(3, _poison), cfg)
 
     assert rows[-1]["clients_ok"] == 2 and rows[-1]["clients_dropped"] == 1
     assert "dropped node 101" in caplog.text and "NaN" in caplog.text
@@ -119,7 +107,7 @@ def test_too_few_good_replies_fail_the_round_and_keep_the_adapter(
     cfg = tiny_config(cache_dir, out, "server.rounds=1", "server.min_replies=3")
 
     with pytest.raises(RoundFailed, match="2 good replies .*server.min_replies=3"):
-        run_server(InProcessGrid(3, _poison), cfg, strategies.build("fedavg"))  # type: ignore[arg-type]
+        _run(InProcessGrid(3, _poison), cfg)
 
     assert checkpoint.last_round(out) == 0
 
@@ -129,9 +117,7 @@ def test_round_directory_loads_with_peft(cache_dir: Path, tmp_path: Path) -> Non
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    run_server(
-        InProcessGrid(3), tiny_config(cache_dir, out, "server.rounds=1"), strategies.build("fedavg")
-    )  # type: ignore[arg-type]
+    _run(InProcessGrid(3), tiny_config(cache_dir, out, "server.rounds=1"))
     round_dir = out / "round-001"
     base_dir = json.loads((round_dir / "adapter_config.json").read_text())[
         "base_model_name_or_path"
@@ -152,7 +138,7 @@ def test_client_at_another_rank_is_dropped_with_the_reason(
     grid = InProcessGrid(3, node_config={2: {"lora-rank": 8}})
 
     with caplog.at_level("WARNING", logger="fedllama"):
-        rows = run_server(grid, cfg, strategies.build("fedavg"))  # type: ignore[arg-type]
+        rows = _run(grid, cfg)
 
     assert rows[-1]["clients_ok"] == 2 and rows[-1]["clients_dropped"] == 1
     assert "dropped node 102: error reply" in caplog.text

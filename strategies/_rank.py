@@ -1,0 +1,133 @@
+"""Rank bookkeeping shared by the heterogeneous-rank strategies (plain torch).
+
+Shapes follow peft: ``lora_A.weight`` is (r, in_features), ``lora_B.weight`` is (out_features, r).
+Rank slot i is row i of A together with column i of B.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from fedllama.adapters import AdapterState
+from fedllama.config import Config
+from fedllama.merge import MergeError
+
+
+def is_a(key: str) -> bool:
+    """A LoRA down-projection (A) key."""
+    return key.endswith("lora_A.weight")
+
+
+def is_b(key: str) -> bool:
+    """A LoRA up-projection (B) key."""
+    return key.endswith("lora_B.weight")
+
+
+def rank_of(state: AdapterState) -> int:
+    """The LoRA rank of an adapter state (rows of its A matrices)."""
+    ranks = {int(v.shape[0]) for k, v in state.items() if is_a(k)}
+    ranks |= {int(v.shape[1]) for k, v in state.items() if is_b(k)}
+    if len(ranks) != 1:
+        raise MergeError(f"adapter state has no single LoRA rank: {sorted(ranks)}")
+    return ranks.pop()
+
+
+def truncate(state: AdapterState, rank: int) -> AdapterState:
+    """The first ``rank`` slots: A[:rank], B[:, :rank]."""
+    out = {}
+    for key, value in state.items():
+        if is_a(key):
+            out[key] = value[:rank].clone()
+        elif is_b(key):
+            out[key] = value[:, :rank].clone()
+        else:
+            out[key] = value.clone()
+    return out
+
+
+def pad(state: AdapterState, rank: int) -> AdapterState:
+    """Zero-pad A rows and B columns up to ``rank`` slots."""
+    out = {}
+    for key, value in state.items():
+        if is_a(key):
+            out[key] = torch.cat([value, value.new_zeros(rank - value.shape[0], value.shape[1])])
+        elif is_b(key):
+            out[key] = torch.cat([value, value.new_zeros(value.shape[0], rank - value.shape[1])], 1)
+        else:
+            out[key] = value
+    return out
+
+
+def check_view_rank(global_rank: int, rank: int, strategy: str) -> None:
+    """A client's rank must be between 1 and the global rank."""
+    if not 1 <= rank <= global_rank:
+        raise MergeError(
+            f"strategy {strategy} serves ranks 1..{global_rank} (lora.r), got a client of rank "
+            f"{rank}"
+        )
+
+
+SLOT_WEIGHT = "fedllama.slot_weight"
+"""(R,) tensor a client sends: its weight on the rank slots it owns, 0 on the others."""
+
+
+class SlotAveraged:
+    """Base of the summable heterogeneous-rank strategies.
+
+    The global state is the adapter at the global rank R (``lora.r``); client k's view is its
+    first r_k slots. A client encodes ``w_k·Δ_k`` zero-padded to R plus a weighted slot mask;
+    the server divides the summed slot i by the summed mask at i, so each slot is the weighted
+    mean over the clients that own it. Factors a client did not send get a zero delta.
+    Subclasses choose which factors are frozen in which round.
+    """
+
+    name: ClassVar[str] = "slot_averaged"
+    summable: ClassVar[bool] = True
+    mixed_ranks: ClassVar[bool] = True
+
+    def __init__(self, cfg: Config) -> None:
+        self.global_rank = cfg.lora.r
+
+    def frozen(self, server_round: int) -> frozenset[str]:
+        """Both factors train."""
+        return frozenset()
+
+    def init_global(self, initial: AdapterState) -> AdapterState:
+        """The adapter at the global rank."""
+        return {k: v.clone() for k, v in initial.items()}
+
+    def client_view(self, global_state: AdapterState, rank: int) -> AdapterState:
+        """The first ``rank`` slots of the global adapter."""
+        check_view_rank(rank_of(global_state), rank, self.name)
+        return truncate(global_state, rank)
+
+    def encode(self, delta: AdapterState, weight: float) -> AdapterState:
+        """``w·Δ`` padded to the global rank, plus the weighted slot mask."""
+        if weight <= 0:
+            raise MergeError(f"a client's weight must be > 0, got {weight}")
+        rank = rank_of(delta)
+        encoded = pad({k: v.float() * weight for k, v in delta.items()}, self.global_rank)
+        mask = torch.zeros(self.global_rank)
+        mask[:rank] = weight
+        encoded[SLOT_WEIGHT] = mask
+        return encoded
+
+    def decode(self, summed: AdapterState, global_state: AdapterState) -> AdapterState:
+        """Slot i divided by the total weight of the clients owning it (0 where none does)."""
+        slots = summed[SLOT_WEIGHT]
+        if float(slots.sum()) <= 0:
+            raise MergeError("no client owns any rank slot; nothing to average")
+        inverse = torch.where(slots > 0, 1.0 / slots.clamp_min(1e-30), torch.zeros_like(slots))
+        out = {}
+        for key, value in global_state.items():
+            if key not in summed:
+                out[key] = torch.zeros_like(value)  # a frozen factor
+            elif is_a(key):
+                out[key] = summed[key] * inverse[:, None]  # A: (R, in); scale row i
+            elif is_b(key):
+                out[key] = summed[key] * inverse[None, :]  # B: (out, R); scale column i
+            else:
+                raise MergeError(f"{key}: {self.name} merges only LoRA A and B weights")
+        return out

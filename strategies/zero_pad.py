@@ -1,0 +1,34 @@
+"""Zero-padding aggregation for heterogeneous LoRA ranks.
+
+The baseline of HetLoRA (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device
+Foundation Models", EMNLP 2024): every client's A and B are zero-padded to the global rank R and
+averaged with example-count weights; each client then receives the first r_k slots. A slot only
+some clients own is diluted by the others' zeros.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from fedllama.adapters import AdapterState
+from fedllama.merge import WEIGHT_KEY, MergeError
+from strategies._rank import SLOT_WEIGHT, SlotAveraged
+
+
+class ZeroPad(SlotAveraged):
+    """Δ = Σ_k w_k pad(Δ_k) / Σ_k w_k; client k gets G[:r_k]."""
+
+    name: ClassVar[str] = "zero_pad"
+
+    def encode(self, delta: AdapterState, weight: float) -> AdapterState:
+        """``w·Δ`` padded to the global rank, plus the weight (no slot mask needed)."""
+        encoded = super().encode(delta, weight)
+        encoded[WEIGHT_KEY] = encoded.pop(SLOT_WEIGHT)[:1].clone()  # slot 0 carries w
+        return encoded
+
+    def decode(self, summed: AdapterState, global_state: AdapterState) -> AdapterState:
+        """The weighted mean over all clients, padded zeros included."""
+        total = float(summed[WEIGHT_KEY][0])
+        if total <= 0:
+            raise MergeError(f"total client weight is {total}; nothing to average")
+        return {k: summed[k] / total for k in global_state}

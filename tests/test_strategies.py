@@ -1,0 +1,199 @@
+"""Merge strategies on plain tensors: each paper's rule by hand, then registry-wide contracts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import strategies
+from fedllama import config
+from fedllama.merge import MergeError, SumAccumulator, frozen_key
+from tests.conftest import tiny_config
+from tests.grid import InProcessGrid, run
+
+A = "base_model.model.layers.0.q_proj.lora_A.weight"  # (r, in=2)
+B = "base_model.model.layers.0.q_proj.lora_B.weight"  # (out=2, r)
+R = 2
+
+
+def _cfg(name: str, rank: int = R) -> config.Config:
+    return config.load(None, [f"strategy.name={name}", f"lora.r={rank}"])
+
+
+def _merge(name: str, deltas: list[dict[str, torch.Tensor]], weights: list[float], rnd: int = 1):
+    strategy = strategies.build(_cfg(name))
+    frozen = strategy.frozen(rnd)
+    acc = SumAccumulator()
+    for delta, w in zip(deltas, weights, strict=True):
+        acc.add(strategy.encode({k: v for k, v in delta.items() if not frozen_key(k, frozen)}, w))
+    global_state = {A: torch.zeros(R, 2), B: torch.zeros(2, R)}
+    return strategy.decode(acc.total, global_state)
+
+
+# client 1 at rank 1, client 2 at rank 2, equal weights
+RANK1 = {A: torch.tensor([[1.0, 1.0]]), B: torch.tensor([[2.0], [2.0]])}
+RANK2 = {A: torch.tensor([[3.0, 3.0], [5.0, 5.0]]), B: torch.tensor([[4.0, 6.0], [4.0, 6.0]])}
+
+
+def test_zero_pad_averages_padded_zeros_into_high_slots() -> None:
+    out = _merge("zero_pad", [RANK1, RANK2], [1, 1])
+    assert out[A].tolist() == [[2.0, 2.0], [2.5, 2.5]]  # row 1: (0 + 5) / 2
+    assert out[B].tolist() == [[3.0, 3.0], [3.0, 3.0]]  # col 1: (0 + 6) / 2
+
+
+def test_rank_aware_averages_each_slot_over_its_owners() -> None:
+    out = _merge("rank_aware", [RANK1, RANK2], [1, 3])
+    assert out[A].tolist() == [[2.5, 2.5], [5.0, 5.0]]  # row 0: (1·1 + 3·3) / 4; row 1: 5
+    assert out[B].tolist() == [[3.5, 6.0], [3.5, 6.0]]  # col 0: (1·2 + 3·4) / 4; col 1: 6
+
+
+def test_ffa_lora_averages_b_only() -> None:
+    out = _merge("ffa_lora", [RANK1, RANK2], [1, 1])
+    assert out[A].tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert out[B].tolist() == [[3.0, 6.0], [3.0, 6.0]]
+
+
+def test_rolora_alternates_a_then_b() -> None:
+    odd = _merge("rolora", [RANK1, RANK2], [1, 1], rnd=1)
+    assert odd[A].tolist() == [[2.0, 2.0], [5.0, 5.0]] and not odd[B].any()
+    even = _merge("rolora", [RANK1, RANK2], [1, 1], rnd=2)
+    assert even[B].tolist() == [[3.0, 6.0], [3.0, 6.0]] and not even[A].any()
+
+
+@pytest.mark.parametrize(("name", "rnd"), [("ffa_lora", 1), ("rolora", 1), ("rolora", 2)])
+def test_merge_is_exact_when_one_factor_is_shared(name: str, rnd: int) -> None:
+    torch.manual_seed(0)
+    strategy = strategies.build(_cfg(name, rank=4))
+    frozen = strategy.frozen(rnd)
+    shared = {A: torch.randn(4, 6), B: torch.randn(5, 4)}
+    weights = [1.0, 2.0, 5.0]
+    trained = [
+        {k: v + torch.randn_like(v) * (not frozen_key(k, frozen)) for k, v in shared.items()}
+        for _ in weights
+    ]
+    acc = SumAccumulator()
+    for t, w in zip(trained, weights, strict=True):
+        acc.add(strategy.encode({k: t[k] - shared[k] for k in t if not frozen_key(k, frozen)}, w))
+    merged = {k: shared[k] + d for k, d in strategy.decode(acc.total, shared).items()}
+
+    p = [w / sum(weights) for w in weights]
+    exact = sum(pk * (t[B] @ t[A]) for pk, t in zip(p, trained, strict=True))
+    assert torch.allclose(merged[B] @ merged[A], exact, atol=1e-5)
+
+
+# ---------------------------------------------------------------- contracts over the registry
+
+HETERO = sorted(n for n in strategies.REGISTRY if n != "fedavg")
+
+
+@pytest.mark.parametrize("name", sorted(strategies.REGISTRY))
+def test_registry_builds_each_name_with_a_summable_flag(name: str) -> None:
+    built = strategies.build(_cfg(name))
+    assert built.name == name and isinstance(built.summable, bool)
+
+
+def test_unknown_strategy_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="valid: fedavg, ffa_lora, rank_aware, rolora, zero_pad"):
+        strategies.build(_cfg("nope"))
+
+
+def _random_global(rank: int) -> dict[str, torch.Tensor]:
+    return {A: torch.randn(rank, 6), B: torch.randn(5, rank)}
+
+
+@pytest.mark.parametrize("name", HETERO)
+def test_views_have_the_client_rank_and_encodings_do_not(name: str) -> None:
+    strategy = strategies.build(_cfg(name, rank=4))
+    global_state = strategy.init_global(_random_global(4))
+    shapes = set()
+    for rank in (1, 2, 4):
+        view = strategy.client_view(global_state, rank)
+        assert view[A].shape == (rank, 6) and view[B].shape == (5, rank)
+        assert view[A].dtype == torch.float32
+        frozen = strategy.frozen(1)
+        enc = strategy.encode({k: v for k, v in view.items() if not frozen_key(k, frozen)}, 1.0)
+        shapes.add(tuple(sorted((k, tuple(v.shape)) for k, v in enc.items())))
+    assert len(shapes) == 1, "encodings of every rank must be summable elementwise"
+    with pytest.raises(MergeError, match="serves ranks 1..4"):
+        strategy.client_view(global_state, 5)
+
+
+@pytest.mark.parametrize("name", sorted(strategies.REGISTRY))
+@pytest.mark.parametrize("rnd", [1, 2])
+def test_client_order_is_irrelevant_and_one_client_gives_its_update(name: str, rnd: int) -> None:
+    torch.manual_seed(1)
+    strategy = strategies.build(_cfg(name, rank=4))
+    global_state = strategy.init_global(_random_global(4))
+    frozen = strategy.frozen(rnd)
+    ranks = [4] * 3 if name == "fedavg" else [4, 2, 3]
+    deltas = [
+        {
+            k: torch.randn_like(v)
+            for k, v in strategy.client_view(global_state, r).items()
+            if not frozen_key(k, frozen)
+        }
+        for r in ranks
+    ]
+    weights = [2.0, 1.0, 4.0]
+
+    def merged(order: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        acc = SumAccumulator()
+        for i in order:
+            acc.add(strategy.encode(deltas[i], weights[i]))
+        return strategy.decode(acc.total, global_state)
+
+    reference = merged((0, 1, 2))
+    for order in itertools.permutations(range(3)):
+        out = merged(order)
+        assert all(torch.allclose(out[k], reference[k], atol=1e-6) for k in reference)
+    assert set(reference) == set(global_state)
+    alone = merged((0,))  # one full-rank client in -> its delta out
+    for k, v in global_state.items():
+        expected = torch.zeros_like(v) if frozen_key(k, frozen) else deltas[0][k]
+        assert torch.allclose(alone[k], expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------- federations with mixed ranks
+
+
+@pytest.mark.parametrize("name", HETERO)
+def test_mixed_rank_federation_writes_adapters_peft_loads_at_each_rank(
+    name: str, cache_dir: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    cfg = tiny_config(cache_dir, out, f"strategy.name={name}", "lora.client_ranks=[2,3,4]")
+
+    rows = run(InProcessGrid(3), cfg)
+
+    assert [r["clients_ok"] for r in rows[1:]] == [3, 3]
+    assert sorted(c["lora-rank"] for c in rows[1]["clients"]) == [2, 3, 4]
+    base = json.loads((out / "round-002" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ]
+    for rank, sub in ((4, ""), (2, "rank-02"), (3, "rank-03")):
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base), out / "round-002" / sub
+        )
+        assert model.peft_config["default"].r == rank
+        # lora_alpha scales with the rank so that alpha / r (peft's scale) is the same everywhere
+        assert model.peft_config["default"].lora_alpha / rank == cfg.lora.lora_alpha / cfg.lora.r
+
+
+def test_fedavg_with_mixed_client_ranks_is_refused_before_the_run() -> None:
+    import server.app
+
+    cfg = config.load(None, ["lora.r=8", "lora.client_ranks=[4,8]"])
+    with pytest.raises(
+        config.ConfigError, match=r"strategy fedavg needs every client at lora.r=8.*\[4\]"
+    ):
+        server.app.check(cfg)
+    server.app.check(
+        config.load(None, ["lora.r=8", "lora.client_ranks=[4,8]", "strategy.name=rank_aware"])
+    )
