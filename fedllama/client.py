@@ -185,4 +185,6 @@ def run_round(
         metrics["client-eval-loss"] = train.evaluate(
             lora_model, eval_set, cfg.train.eval_batch_size, pad_id
         )
-    return RoundOutput(encoded=merge.encode(delta, float(result.num_examples)), metrics=metrics)
+    return RoundOutput(
+        encoded=merge.encode(delta, float(result.num_examples), view), metrics=metrics
+    )

@@ -201,7 +201,7 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         view = self.merge.client_view(global_state, self.rank)
         frozen = self.merge.frozen(server_round)
         zero = {k: torch.zeros_like(v) for k, v in view.items() if not frozen_key(k, frozen)}
-        encoded = self.merge.encode(zero, 1.0)
+        encoded = self.merge.encode(zero, 1.0, view)
         self.spec = ReplySpec(shapes={k: tuple(v.shape) for k, v in encoded.items()})
 
     def configure_train(

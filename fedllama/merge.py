@@ -52,8 +52,13 @@ class MergeStrategy(Protocol):
         """Adapter weights a client of LoRA rank ``rank`` starts its round from."""
         ...
 
-    def encode(self, delta: AdapterState, weight: float) -> AdapterState:
+    def encode(
+        self, delta: AdapterState, weight: float, view: AdapterState | None = None
+    ) -> AdapterState:
         """Fixed-shape tensors a client sends for its ``delta`` (trained - view).
+
+        ``view`` is the client's starting point (rules that weigh the trained factors, such as
+        HetLoRA's norms, need it); ``weight`` is its example count.
 
         ``delta`` holds the trained (not frozen) keys of the client's view, at the client's
         rank; the encoding's shapes must not depend on that rank, so that encodings can be

@@ -60,3 +60,54 @@ def summary(rows: list[dict[str, Any]]) -> str:
             f"{last['eval_loss']:.4f} (round {last['round']}): {change:+.4f}"
         )
     return "\n".join(lines)
+
+
+def comparison_table(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown table: eval loss per round, final change, upload per round, seconds."""
+    rounds = max((len(rows) for rows in runs.values()), default=0)
+    header = [
+        "strategy",
+        *[f"eval r{i}" for i in range(rounds)],
+        "Δ eval",
+        "MB up/round",
+        "s/round",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, rows in runs.items():
+        evals = [r["eval_loss"] if _finite(r.get("eval_loss")) else None for r in rows]
+        cells = [f"{e:.4f}" if e is not None else "-" for e in evals]
+        cells += ["-"] * (rounds - len(cells))
+        trained = [r for r in rows if r["round"] > 0]
+        first, last = (evals[0], evals[-1]) if evals else (None, None)
+        change = f"{last - first:+.4f}" if first is not None and last is not None else "-"
+        up = sum(r["bytes_up"] for r in trained) / max(len(trained), 1) / 1e6
+        secs = sum(r["seconds"] for r in trained) / max(len(trained), 1)
+        lines.append(
+            f"| {name} | " + " | ".join([*cells, change, f"{up:.2f}", f"{secs:.0f}"]) + " |"
+        )
+    return "\n".join(lines)
+
+
+def plot_comparison(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Global eval loss per round, one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in runs.items():
+        pts = [(r["round"], r["eval_loss"]) for r in rows if _finite(r.get("eval_loss"))]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("global eval loss (per answer token)")
+    ax.set_title("merge strategies")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

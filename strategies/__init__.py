@@ -13,6 +13,7 @@ from fedllama.config import Config
 from fedllama.merge import MergeStrategy
 from strategies.fedavg import FedAvg
 from strategies.ffa_lora import FFALoRA
+from strategies.hetlora import HetLoRA
 from strategies.rank_aware import RankAware
 from strategies.rolora import RoLoRA
 from strategies.zero_pad import ZeroPad
@@ -21,6 +22,7 @@ REGISTRY: dict[str, Callable[[Config], MergeStrategy]] = {
     "fedavg": FedAvg,
     "zero_pad": ZeroPad,
     "rank_aware": RankAware,
+    "hetlora": HetLoRA,
     "ffa_lora": FFALoRA,
     "rolora": RoLoRA,
 }

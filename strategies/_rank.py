@@ -103,7 +103,9 @@ class SlotAveraged:
         check_view_rank(rank_of(global_state), rank, self.name)
         return truncate(global_state, rank)
 
-    def encode(self, delta: AdapterState, weight: float) -> AdapterState:
+    def encode(
+        self, delta: AdapterState, weight: float, view: AdapterState | None = None
+    ) -> AdapterState:
         """``w·Δ`` padded to the global rank, plus the weighted slot mask."""
         if weight <= 0:
             raise MergeError(f"a client's weight must be > 0, got {weight}")

@@ -45,7 +45,9 @@ class FedAvg:
             )
         return {k: v.clone() for k, v in global_state.items()}
 
-    def encode(self, delta: AdapterState, weight: float) -> AdapterState:
+    def encode(
+        self, delta: AdapterState, weight: float, view: AdapterState | None = None
+    ) -> AdapterState:
         """``{key: w·Δ_key}`` plus the weight itself."""
         if weight <= 0:
             raise MergeError(f"a client's weight must be > 0, got {weight}")

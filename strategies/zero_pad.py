@@ -20,7 +20,9 @@ class ZeroPad(SlotAveraged):
 
     name: ClassVar[str] = "zero_pad"
 
-    def encode(self, delta: AdapterState, weight: float) -> AdapterState:
+    def encode(
+        self, delta: AdapterState, weight: float, view: AdapterState | None = None
+    ) -> AdapterState:
         """``w·Δ`` padded to the global rank, plus the weight (no slot mask needed)."""
         encoded = super().encode(delta, weight)
         encoded[WEIGHT_KEY] = encoded.pop(SLOT_WEIGHT)[:1].clone()  # slot 0 carries w

@@ -64,6 +64,24 @@ def test_rolora_alternates_a_then_b() -> None:
     assert even[B].tolist() == [[3.0, 6.0], [3.0, 6.0]] and not even[A].any()
 
 
+def test_hetlora_weights_modules_by_the_norm_of_the_trained_update() -> None:
+    strategy = strategies.build(_cfg("hetlora"))
+    zero1 = {A: torch.zeros(1, 2), B: torch.zeros(2, 1)}
+    zero2 = {A: torch.zeros(2, 2), B: torch.zeros(2, 2)}
+    c1 = {A: torch.tensor([[1.0, 0.0]]), B: torch.tensor([[3.0], [4.0]])}  # ||B A||_F = 5
+    c2 = {A: torch.eye(2), B: torch.tensor([[0.0, 0.0], [0.0, 12.0]])}  # ||B A||_F = 12
+    acc = SumAccumulator()
+    acc.add(strategy.encode(c1, 10.0, zero1))  # example counts do not enter HetLoRA's weights
+    acc.add(strategy.encode(c2, 1.0, zero2))
+
+    out = strategy.decode(acc.total, {A: torch.zeros(2, 2), B: torch.zeros(2, 2)})
+
+    # A: row 0 (5·[1,0] + 12·[1,0]) / 17; row 1 (12·[0,1]) / 17
+    assert torch.allclose(out[A], torch.tensor([[1.0, 0.0], [0.0, 12 / 17]]))
+    # B: col 0 (5·[3,4] + 12·[0,0]) / 17; col 1 (12·[0,12]) / 17
+    assert torch.allclose(out[B], torch.tensor([[15 / 17, 0.0], [20 / 17, 144 / 17]]))
+
+
 @pytest.mark.parametrize(("name", "rnd"), [("ffa_lora", 1), ("rolora", 1), ("rolora", 2)])
 def test_merge_is_exact_when_one_factor_is_shared(name: str, rnd: int) -> None:
     torch.manual_seed(0)
@@ -97,7 +115,9 @@ def test_registry_builds_each_name_with_a_summable_flag(name: str) -> None:
 
 
 def test_unknown_strategy_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="valid: fedavg, ffa_lora, rank_aware, rolora, zero_pad"):
+    with pytest.raises(
+        ValueError, match="valid: fedavg, ffa_lora, hetlora, rank_aware, rolora, zero_pad"
+    ):
         strategies.build(_cfg("nope"))
 
 
@@ -115,7 +135,9 @@ def test_views_have_the_client_rank_and_encodings_do_not(name: str) -> None:
         assert view[A].shape == (rank, 6) and view[B].shape == (5, rank)
         assert view[A].dtype == torch.float32
         frozen = strategy.frozen(1)
-        enc = strategy.encode({k: v for k, v in view.items() if not frozen_key(k, frozen)}, 1.0)
+        enc = strategy.encode(
+            {k: v for k, v in view.items() if not frozen_key(k, frozen)}, 1.0, view
+        )
         shapes.add(tuple(sorted((k, tuple(v.shape)) for k, v in enc.items())))
     assert len(shapes) == 1, "encodings of every rank must be summable elementwise"
     with pytest.raises(MergeError, match="serves ranks 1..4"):
@@ -130,6 +152,7 @@ def test_client_order_is_irrelevant_and_one_client_gives_its_update(name: str, r
     global_state = strategy.init_global(_random_global(4))
     frozen = strategy.frozen(rnd)
     ranks = [4] * 3 if name == "fedavg" else [4, 2, 3]
+    views = [strategy.client_view(global_state, r) for r in ranks]
     deltas = [
         {
             k: torch.randn_like(v)
@@ -143,7 +166,7 @@ def test_client_order_is_irrelevant_and_one_client_gives_its_update(name: str, r
     def merged(order: tuple[int, ...]) -> dict[str, torch.Tensor]:
         acc = SumAccumulator()
         for i in order:
-            acc.add(strategy.encode(deltas[i], weights[i]))
+            acc.add(strategy.encode(deltas[i], weights[i], views[i]))
         return strategy.decode(acc.total, global_state)
 
     reference = merged((0, 1, 2))
