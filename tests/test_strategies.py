@@ -82,6 +82,26 @@ def test_hetlora_weights_modules_by_the_norm_of_the_trained_update() -> None:
     assert torch.allclose(out[B], torch.tensor([[15 / 17, 0.0], [20 / 17, 144 / 17]]))
 
 
+def test_flexlora_svd_of_the_weighted_product_sum_truncates_per_rank() -> None:
+    strategy = strategies.build(_cfg("flexlora"))
+    zero1 = {A: torch.zeros(1, 2), B: torch.zeros(2, 1)}
+    zero2 = {A: torch.zeros(2, 2), B: torch.zeros(2, 2)}
+    c1 = {A: torch.tensor([[1.0, 0.0]]), B: torch.tensor([[2.0], [0.0]])}  # B A = [[2,0],[0,0]]
+    c2 = {A: torch.eye(2), B: torch.tensor([[0.0, 0.0], [0.0, 3.0]])}  # B A = [[0,0],[0,3]]
+    acc = SumAccumulator()
+    acc.add(strategy.encode(c1, 1.0, zero1))
+    acc.add(strategy.encode(c2, 1.0, zero2))
+    g = {A: torch.zeros(2, 2), B: torch.zeros(2, 2)}
+
+    new = {k: g[k] + d for k, d in strategy.decode(acc.total, g).items()}
+
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.5]])  # (B1 A1 + B2 A2) / 2
+    assert torch.allclose(new[B] @ new[A], w, atol=1e-6)
+    rank1 = strategy.client_view(new, 1)  # best rank-1 approximation: the 1.5 direction
+    assert torch.allclose(rank1[B] @ rank1[A], torch.tensor([[0.0, 0.0], [0.0, 1.5]]), atol=1e-6)
+    assert torch.allclose(new[B].norm(dim=0), torch.tensor([1.5, 1.0]).sqrt(), atol=1e-6)
+
+
 @pytest.mark.parametrize(("name", "rnd"), [("ffa_lora", 1), ("rolora", 1), ("rolora", 2)])
 def test_merge_is_exact_when_one_factor_is_shared(name: str, rnd: int) -> None:
     torch.manual_seed(0)
@@ -116,7 +136,7 @@ def test_registry_builds_each_name_with_a_summable_flag(name: str) -> None:
 
 def test_unknown_strategy_lists_the_valid_ones() -> None:
     with pytest.raises(
-        ValueError, match="valid: fedavg, ffa_lora, hetlora, rank_aware, rolora, zero_pad"
+        ValueError, match="valid: fedavg, ffa_lora, flexlora, hetlora, rank_aware, rolora, zero_pad"
     ):
         strategies.build(_cfg("nope"))
 
@@ -169,12 +189,22 @@ def test_client_order_is_irrelevant_and_one_client_gives_its_update(name: str, r
             acc.add(strategy.encode(deltas[i], weights[i], views[i]))
         return strategy.decode(acc.total, global_state)
 
+    def product(delta: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (base[B] + delta.get(B, 0)) @ (base[A] + delta.get(A, 0))
+
     reference = merged((0, 1, 2))
     for order in itertools.permutations(range(3)):
         out = merged(order)
-        assert all(torch.allclose(out[k], reference[k], atol=1e-6) for k in reference)
+        assert torch.allclose(
+            product(out, global_state), product(reference, global_state), atol=1e-4
+        )
+        if name != "flexlora":  # factor by factor, too, where the rule is per factor
+            assert all(torch.allclose(out[k], reference[k], atol=1e-6) for k in reference)
     assert set(reference) == set(global_state)
-    alone = merged((0,))  # one full-rank client in -> its delta out
+    alone = merged((0,))  # one full-rank client in -> its update out
+    if name == "flexlora":  # the rule re-factorises the product: compare B·A
+        assert torch.allclose(product(alone, global_state), product(deltas[0], views[0]), atol=1e-4)
+        return
     for k, v in global_state.items():
         expected = torch.zeros_like(v) if frozen_key(k, frozen) else deltas[0][k]
         assert torch.allclose(alone[k], expected, atol=1e-6)
