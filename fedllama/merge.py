@@ -11,6 +11,7 @@ Strategies live in ``strategies/`` (plain torch, one file each) and implement
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar, Protocol
 
 import torch
@@ -100,3 +101,11 @@ class SumAccumulator:
                     )
                 self.total[k].add_(v)
         self.count += 1
+
+
+def weighted_mean(summed: AdapterState, keys: Iterable[str]) -> AdapterState:
+    """``summed[k] / Σw`` for each key, where the sum carries the total weight at WEIGHT_KEY."""
+    total = float(summed[WEIGHT_KEY][0])
+    if total <= 0:
+        raise MergeError(f"total client weight is {total}; nothing to average")
+    return {k: summed[k] / total for k in keys}

@@ -6,9 +6,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+Series = tuple[str, str, list[tuple[int, float]]]  # label, matplotlib style, (round, value)
 
-def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "fedllama") -> Path:
-    """Eval and train loss per round as a PNG."""
+
+def _plot(series: list[Series], path: Path, title: str, ylabel: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,16 +17,12 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "fedllama")
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label, style in (
-        ("eval_loss", "global eval loss", "o-"),
-        ("train_loss", "client train loss (during the round)", "s--"),
-    ):
-        pts = [(r["round"], r[key]) for r in rows if _finite(r.get(key))]
+    for label, style, pts in series:
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
-    ax.set_ylabel("loss (per answer token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -33,6 +30,19 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "fedllama")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _points(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(int(r["round"]), float(r[key])) for r in rows if _finite(r.get(key))]
+
+
+def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "fedllama") -> Path:
+    """Eval and train loss per round as a PNG."""
+    series = [
+        ("global eval loss", "o-", _points(rows, "eval_loss")),
+        ("client train loss (during the round)", "s--", _points(rows, "train_loss")),
+    ]
+    return _plot(series, path, title, "loss (per answer token)")
 
 
 def _finite(x: Any) -> bool:
@@ -90,24 +100,5 @@ def comparison_table(runs: dict[str, list[dict[str, Any]]]) -> str:
 
 def plot_comparison(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """Global eval loss per round, one line per strategy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, rows in runs.items():
-        pts = [(r["round"], r["eval_loss"]) for r in rows if _finite(r.get("eval_loss"))]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("global eval loss (per answer token)")
-    ax.set_title("merge strategies")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    series = [(name, "o-", _points(rows, "eval_loss")) for name, rows in runs.items()]
+    return _plot(series, path, "merge strategies", "global eval loss (per answer token)")

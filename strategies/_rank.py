@@ -25,6 +25,11 @@ def is_b(key: str) -> bool:
     return key.endswith("lora_B.weight")
 
 
+def module_of(key: str) -> str:
+    """The adapted layer a LoRA key belongs to (``...q_proj`` of ``...q_proj.lora_A.weight``)."""
+    return key.rsplit(".lora_", 1)[0]
+
+
 def rank_of(state: AdapterState) -> int:
     """The LoRA rank of an adapter state (rows of its A matrices)."""
     ranks = {int(v.shape[0]) for k, v in state.items() if is_a(k)}

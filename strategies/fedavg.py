@@ -14,7 +14,8 @@ import torch
 
 from fedllama.adapters import AdapterState
 from fedllama.config import Config
-from fedllama.merge import WEIGHT_KEY, MergeError
+from fedllama.merge import WEIGHT_KEY, MergeError, weighted_mean
+from strategies._rank import rank_of
 
 
 class FedAvg:
@@ -37,7 +38,7 @@ class FedAvg:
 
     def client_view(self, global_state: AdapterState, rank: int) -> AdapterState:
         """The global adapter, unchanged; refuses a client rank other than the global one."""
-        global_rank = _rank(global_state)
+        global_rank = rank_of(global_state)
         if rank != global_rank:
             raise MergeError(
                 f"strategy fedavg needs every client at the global rank {global_rank}, "
@@ -57,14 +58,4 @@ class FedAvg:
 
     def decode(self, summed: AdapterState, global_state: AdapterState) -> AdapterState:
         """Divide the weighted sum by the total weight."""
-        total = float(summed[WEIGHT_KEY][0])
-        if total <= 0:
-            raise MergeError(f"total client weight is {total}; nothing to average")
-        return {k: summed[k] / total for k in global_state}
-
-
-def _rank(state: AdapterState) -> int:
-    for key, value in state.items():
-        if key.endswith("lora_A.weight"):
-            return int(value.shape[0])  # A: (r, in_features)
-    raise MergeError("adapter state has no lora_A weights")
+        return weighted_mean(summed, global_state)

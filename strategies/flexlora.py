@@ -21,13 +21,9 @@ import torch
 
 from fedllama.adapters import AdapterState
 from fedllama.merge import MergeError
-from strategies._rank import SLOT_WEIGHT, SlotAveraged, is_a, is_b, rank_of
+from strategies._rank import SLOT_WEIGHT, SlotAveraged, is_a, is_b, module_of, rank_of
 
 DENSE = "fedllama.dense."
-
-
-def _module(key: str) -> str:
-    return key.rsplit(".lora_", 1)[0]
 
 
 class FlexLoRA(SlotAveraged):
@@ -50,7 +46,7 @@ class FlexLoRA(SlotAveraged):
             b_key = key.replace("lora_A", "lora_B")
             before = view[b_key] @ view[key]  # (out, r) @ (r, in)
             after = (view[b_key] + delta[b_key]) @ (view[key] + delta[key])
-            encoded[DENSE + _module(key)] = (after - before) * weight
+            encoded[DENSE + module_of(key)] = (after - before) * weight
         if 2 * len(encoded) != len(delta):
             raise MergeError("flexlora needs the A and B delta of every module")
         mask = torch.zeros(self.global_rank)
@@ -71,7 +67,7 @@ class FlexLoRA(SlotAveraged):
             b_key = key.replace("lora_A", "lora_B")
             b = global_state[b_key]
             views = (b * (slots / total)[None, :]) @ a  # Σ p_k B[:, :r_k] A[:r_k]
-            w = views + summed[DENSE + _module(key)] / total
+            w = views + summed[DENSE + module_of(key)] / total
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
             root = s[: self.global_rank].sqrt()
             out[b_key] = u[:, : self.global_rank] * root[None, :] - b

@@ -21,14 +21,10 @@ import torch
 
 from fedllama.adapters import AdapterState
 from fedllama.merge import MergeError
-from strategies._rank import SlotAveraged, is_a, is_b, pad, rank_of
+from strategies._rank import SlotAveraged, is_a, is_b, module_of, pad, rank_of
 
 NORM = "fedllama.norm."
 SLOTS = "fedllama.slot_norm."
-
-
-def _module(key: str) -> str:
-    return key.rsplit(".lora_", 1)[0]
 
 
 class HetLoRA(SlotAveraged):
@@ -48,7 +44,7 @@ class HetLoRA(SlotAveraged):
         for key in delta:
             if not is_a(key):
                 continue
-            module = _module(key)
+            module = module_of(key)
             b_key = key.replace("lora_A", "lora_B")
             trained_a = view[key] + delta[key]  # A: (r, in)
             trained_b = view[b_key] + delta[b_key]  # B: (out, r)
@@ -67,7 +63,7 @@ class HetLoRA(SlotAveraged):
         """G' = (G ⊙ Σ n·m + Σ n·pad(Δ)) / Σ n per module; returns G' - G."""
         out = {}
         for key, g in global_state.items():
-            module = _module(key)
+            module = module_of(key)
             total = float(summed[NORM + module][0])
             if total <= 0:
                 out[key] = torch.zeros_like(g)  # no client changed this module

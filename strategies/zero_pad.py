@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from fedllama.adapters import AdapterState
-from fedllama.merge import WEIGHT_KEY, MergeError
+from fedllama.merge import WEIGHT_KEY, weighted_mean
 from strategies._rank import SLOT_WEIGHT, SlotAveraged
 
 
@@ -30,7 +30,4 @@ class ZeroPad(SlotAveraged):
 
     def decode(self, summed: AdapterState, global_state: AdapterState) -> AdapterState:
         """The weighted mean over all clients, padded zeros included."""
-        total = float(summed[WEIGHT_KEY][0])
-        if total <= 0:
-            raise MergeError(f"total client weight is {total}; nothing to average")
-        return {k: summed[k] / total for k in global_state}
+        return weighted_mean(summed, global_state)
