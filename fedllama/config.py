@@ -215,6 +215,12 @@ class StrategyConfig:
     """Merge strategy (see ``strategies/``); the name is checked against the registry."""
 
     name: str = "fedavg"
+    flexlora_form: str = "dense"
+    """``flexlora`` only: ``dense`` (summable; clients send out×in products) or ``factored``
+    (trusted server; clients send their factors, the server never forms an out×in matrix)."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.flexlora_form, "strategy.flexlora_form", ("dense", "factored"))
 
 
 @dataclass

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,7 +30,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedllama.adapters import AdapterState
-from fedllama.merge import MergeError, MergeStrategy, SumAccumulator, frozen_key
+from fedllama.merge import (
+    MergeError,
+    MergeStrategy,
+    SumAccumulator,
+    TrustedMergeStrategy,
+    frozen_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +224,12 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate and sum replies one by one; return the decoded aggregated delta."""
+        """Validate and sum replies one by one; return the decoded aggregated delta.
+
+        A trusted-server strategy (``summable = False``) gets the individual encodings instead.
+        """
         acc = SumAccumulator()
+        held: list[AdapterState] = []
         report = self.report
         weighted_loss = 0.0
         weight = 0.0
@@ -234,7 +244,10 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
                 continue
             try:
                 valid = validate_reply(reply.content, self.spec)
-                acc.add(valid.encoded)
+                if self.merge.summable:
+                    acc.add(valid.encoded)
+                else:
+                    held.append(valid.encoded)
             except (ReplyError, MergeError) as err:
                 log.warning("round %d: dropped node %d: %s", server_round, node, err)
                 report.dropped += 1
@@ -250,7 +263,11 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         if report.ok == 0:
             return None, None
         report.train_loss = weighted_loss / weight
-        report.delta = self.merge.decode(acc.total, self.global_state)
+        if self.merge.summable:
+            report.delta = self.merge.decode(acc.total, self.global_state)
+        else:
+            trusted = cast(TrustedMergeStrategy, self.merge)
+            report.delta = trusted.aggregate(held, self.global_state)
         metrics = MetricRecord({TRAIN_LOSS: report.train_loss, NUM_EXAMPLES: int(weight)})
         return to_record(report.delta), metrics
 

@@ -11,7 +11,7 @@ Strategies live in ``strategies/`` (plain torch, one file each) and implement
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import ClassVar, Protocol
 
 import torch
@@ -69,6 +69,19 @@ class MergeStrategy(Protocol):
 
     def decode(self, summed: AdapterState, global_state: AdapterState) -> AdapterState:
         """Aggregated delta for every key of ``global_state``, from the sum of the encodings."""
+        ...
+
+
+class TrustedMergeStrategy(MergeStrategy, Protocol):
+    """A rule that needs each client's encoding, not only their sum (``summable = False``).
+
+    The server holds every reply of the round, so secure aggregation cannot protect it.
+    """
+
+    def aggregate(
+        self, encodings: Sequence[AdapterState], global_state: AdapterState
+    ) -> AdapterState:
+        """Aggregated delta for every key of ``global_state`` from the individual encodings."""
         ...
 
 

@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 from fedllama.config import Config
 from fedllama.merge import MergeStrategy
+from strategies import flexlora
 from strategies.fedavg import FedAvg
 from strategies.ffa_lora import FFALoRA
-from strategies.flexlora import FlexLoRA
 from strategies.hetlora import HetLoRA
 from strategies.rank_aware import RankAware
 from strategies.rolora import RoLoRA
@@ -24,7 +24,7 @@ REGISTRY: dict[str, Callable[[Config], MergeStrategy]] = {
     "zero_pad": ZeroPad,
     "rank_aware": RankAware,
     "hetlora": HetLoRA,
-    "flexlora": FlexLoRA,
+    "flexlora": flexlora.build,
     "ffa_lora": FFALoRA,
     "rolora": RoLoRA,
 }

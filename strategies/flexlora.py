@@ -1,4 +1,4 @@
-"""FlexLoRA, dense (summable) form.
+"""FlexLoRA, in a dense (summable) and a factored (trusted-server) form.
 
 Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client
 Resources", NeurIPS 2024. Each client k trains LoRA at its own rank r_k; the server forms the
@@ -7,21 +7,29 @@ W = U S Vᵀ and gives client k the rank-r_k truncation. We split the singular v
 B = U_R S_R^½ and A = S_R^½ V_Rᵀ at the global rank R, so that a client's first r_k slots are
 exactly the best rank-r_k approximation of W.
 
-Summable form: client k sends p_k·(B_k'A_k' − B_k A_k), the dense change of its product over its
-view, plus a weighted slot mask m_k. Since the views are truncations of the global factors,
-Σ_k p_k B_k A_k = B diag(Σ_k p_k m_k) A, so the server recovers W from sums alone. The dense
-encoding is large (out × in per module); the factored, trusted-server form is still to come.
+Dense, summable form (``strategy.flexlora_form=dense``): client k sends p_k·(B_k'A_k' − B_k A_k),
+the dense change of its product over its view, plus a weighted slot mask m_k. Since the views
+are truncations of the global factors, Σ_k p_k B_k A_k = B diag(Σ_k p_k m_k) A, so the server
+recovers W from sums alone. The dense
+encoding is large (out × in per module).
+
+Factored, trusted-server form (``factored``): clients send their trained factors; the server
+stacks B_s = [p_1 B_1 … p_K B_K] and A_s = [A_1; …; A_K] (so W = B_s A_s), takes QR of B_s and
+A_sᵀ and the SVD of the small (Σr_k)² core: W = (Q_b U) S (Q_a V)ᵀ, never forming the out × in
+matrix. Same result as dense up to floating point.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 
 from fedllama.adapters import AdapterState
-from fedllama.merge import MergeError
-from strategies._rank import SLOT_WEIGHT, SlotAveraged, is_a, is_b, module_of, rank_of
+from fedllama.config import Config
+from fedllama.merge import MergeError, MergeStrategy
+from strategies._rank import SLOT_WEIGHT, SlotAveraged, is_a, is_b, module_of, pad, rank_of
 
 DENSE = "fedllama.dense."
 
@@ -69,12 +77,84 @@ class FlexLoRA(SlotAveraged):
             views = (b * (slots / total)[None, :]) @ a  # Σ p_k B[:, :r_k] A[:r_k]
             w = views + summed[DENSE + module_of(key)] / total
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
-            root = s[: self.global_rank].sqrt()
-            out[b_key] = u[:, : self.global_rank] * root[None, :] - b
-            out[key] = root[:, None] * vh[: self.global_rank] - a
+            new_b, new_a = _split(u, s, vh, self.global_rank)
+            out[b_key] = new_b - b
+            out[key] = new_a - a
         missing = set(global_state) - set(out)
         if missing or any(not (is_a(k) or is_b(k)) for k in global_state):
             raise MergeError(
                 f"flexlora merges only LoRA A and B weights; got {sorted(missing)[:3]}"
             )
         return out
+
+
+def _split(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors B = U S^½, A = S^½ Vᵀ, zero-padded if fewer singular values."""
+    k = min(rank, s.shape[0])
+    root = s[:k].clamp_min(0).sqrt()
+    b = u.new_zeros(u.shape[0], rank)
+    a = vh.new_zeros(rank, vh.shape[1])
+    b[:, :k] = u[:, :k] * root[None, :]
+    a[:k] = root[:, None] * vh[:k]
+    return b, a
+
+
+class FlexLoRAFactored(SlotAveraged):
+    """FlexLoRA from the clients' factors: QR of the stacked factors, SVD of the small core."""
+
+    name: ClassVar[str] = "flexlora"
+    summable: ClassVar[bool] = False
+
+    def encode(
+        self, delta: AdapterState, weight: float, view: AdapterState | None = None
+    ) -> AdapterState:
+        """The trained factors padded to the global rank, plus the weighted slot mask."""
+        if view is None:
+            raise MergeError("flexlora needs the client's view to send its trained factors")
+        encoded = super().encode(delta, weight)  # checks the weight and builds the slot mask
+        trained = pad({k: view[k] + delta[k] for k in delta}, self.global_rank)
+        return {**trained, SLOT_WEIGHT: encoded[SLOT_WEIGHT]}
+
+    def decode(self, summed: AdapterState, global_state: AdapterState) -> AdapterState:
+        """Not available: this form needs each client's factors (see :meth:`aggregate`)."""
+        raise MergeError("flexlora_form=factored is a trusted-server rule; it has no sum form")
+
+    def aggregate(
+        self, encodings: Sequence[AdapterState], global_state: AdapterState
+    ) -> AdapterState:
+        """W = Σ_k p_k B_k A_k through QR + a (Σr_k)² SVD; return the change of the factors."""
+        weights = [float(e[SLOT_WEIGHT][0]) for e in encodings]
+        ranks = [int((e[SLOT_WEIGHT] > 0).sum()) for e in encodings]
+        total = sum(weights)
+        if not encodings or total <= 0:
+            raise MergeError(f"total client weight is {total}; nothing to average")
+        out: AdapterState = {}
+        for key, a in global_state.items():
+            if not is_a(key):
+                continue
+            b_key = key.replace("lora_A", "lora_B")
+            # B_s: (out, Σr) with p_k folded in; A_s: (Σr, in); W = B_s A_s
+            b_s = torch.cat(
+                [
+                    e[b_key][:, :r] * (w / total)
+                    for e, r, w in zip(encodings, ranks, weights, strict=True)
+                ],
+                1,
+            )
+            a_s = torch.cat([e[key][:r] for e, r in zip(encodings, ranks, strict=True)], 0)
+            q_b, r_b = torch.linalg.qr(b_s)  # (out, q) (q, Σr)
+            q_a, r_a = torch.linalg.qr(a_s.T)  # (in, p) (p, Σr)
+            u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)  # the small core
+            new_b, new_a = _split(q_b @ u, s, vh @ q_a.T, self.global_rank)
+            out[b_key] = new_b - global_state[b_key]
+            out[key] = new_a - a
+        if set(out) != set(global_state):
+            raise MergeError("flexlora merges only LoRA A and B weights")
+        return out
+
+
+def build(cfg: Config) -> MergeStrategy:
+    """FlexLoRA in the form ``strategy.flexlora_form`` asks for."""
+    return FlexLoRAFactored(cfg) if cfg.strategy.flexlora_form == "factored" else FlexLoRA(cfg)

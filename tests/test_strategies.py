@@ -213,15 +213,18 @@ def test_client_order_is_irrelevant_and_one_client_gives_its_update(name: str, r
 # ---------------------------------------------------------------- federations with mixed ranks
 
 
-@pytest.mark.parametrize("name", HETERO)
+@pytest.mark.parametrize(
+    ("name", "extra"), [*((n, "") for n in HETERO), ("flexlora", "strategy.flexlora_form=factored")]
+)
 def test_mixed_rank_federation_writes_adapters_peft_loads_at_each_rank(
-    name: str, cache_dir: Path, tmp_path: Path
+    name: str, extra: str, cache_dir: Path, tmp_path: Path
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    cfg = tiny_config(cache_dir, out, f"strategy.name={name}", "lora.client_ranks=[2,3,4]")
+    overrides = [f"strategy.name={name}", "lora.client_ranks=[2,3,4]", *([extra] if extra else [])]
+    cfg = tiny_config(cache_dir, out, *overrides)
 
     rows = run(InProcessGrid(3), cfg)
 
@@ -250,3 +253,30 @@ def test_fedavg_with_mixed_client_ranks_is_refused_before_the_run() -> None:
     server.app.check(
         config.load(None, ["lora.r=8", "lora.client_ranks=[4,8]", "strategy.name=rank_aware"])
     )
+
+
+def test_flexlora_factored_equals_dense() -> None:
+    torch.manual_seed(3)
+    dense = strategies.build(config.load(None, ["strategy.name=flexlora", "lora.r=8"]))
+    factored = strategies.build(
+        config.load(None, ["strategy.name=flexlora", "lora.r=8", "strategy.flexlora_form=factored"])
+    )
+    assert dense.summable and not factored.summable
+    g = dense.init_global({A: torch.randn(8, 12), B: torch.randn(10, 8)})
+    ranks, weights = [2, 8, 4, 6], [3.0, 1.0, 2.0, 5.0]
+    views = [dense.client_view(g, r) for r in ranks]
+    deltas = [{k: torch.randn_like(v) for k, v in view.items()} for view in views]
+    acc = SumAccumulator()
+    for d, w, v in zip(deltas, weights, views, strict=True):
+        acc.add(dense.encode(d, w, v))
+    from_dense = dense.decode(acc.total, g)
+    encodings = [factored.encode(d, w, v) for d, w, v in zip(deltas, weights, views, strict=True)]
+
+    from_factored = factored.aggregate(encodings, g)  # type: ignore[attr-defined]
+
+    for rank in (8, 4, 1):  # every client's view agrees, not only the full product
+        x = dense.client_view({k: g[k] + from_dense[k] for k in g}, rank)
+        y = dense.client_view({k: g[k] + from_factored[k] for k in g}, rank)
+        assert torch.allclose(x[B] @ x[A], y[B] @ y[A], atol=1e-4)
+    with pytest.raises(MergeError, match="trusted-server rule"):
+        factored.decode(acc.total, g)
