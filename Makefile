@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast lint typecheck bench clean
+.PHONY: setup demo test test-fast lint typecheck bench bench-strategies clean
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) scripts/setup.sh
@@ -29,6 +29,11 @@ typecheck: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+# FlexLoRA factored vs dense at LLaMA-8B shapes, and server memory vs number of clients (slow).
+bench-strategies: setup
+	$(BIN)/python bench/flexlora.py
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

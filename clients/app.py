@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 
 import strategies
 from fedllama import setup_logging
-from fedllama.client import NodeSettings, load_split, run_round
+from fedllama.client import NodeSettings, client_state_path, load_split, run_round
 from fedllama.config import from_yaml
 from fedllama.flower import ARRAYS, CONFIG, CONFIG_YAML, METRICS, ROUND, from_record, to_record
 
@@ -38,6 +38,7 @@ def train(msg: Message, context: Context) -> Message:
         server_round=int(str(settings[ROUND])),
         client_id=node.partition_id if node.partition_id is not None else -1,
         rank=rank,
+        state_path=client_state_path(run_cfg, node),
     )
     metrics = MetricRecord(dict(result.metrics.items()))  # type: ignore[arg-type]
     content = RecordDict({ARRAYS: to_record(result.encoded), METRICS: metrics})

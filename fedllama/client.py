@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from fedllama import adapters, data, model, train
 from fedllama.adapters import AdapterState
@@ -122,6 +124,35 @@ def _federation(cfg: Config, num_clients: int) -> data.Federation:
     return _FEDERATIONS[key]
 
 
+def _with_local_state(
+    view: AdapterState, local: frozenset[str], state_path: Path | None
+) -> AdapterState:
+    """The view with this client's own saved copy of its local factors, when it has one."""
+    if not local or state_path is None or not state_path.is_file():
+        return view
+    saved = load_file(str(state_path))
+    mine = {k: v for k, v in view.items() if frozen_key(k, local)}
+    adapters.check_compatible(mine, saved, f"client state {state_path}")
+    return {**view, **saved}
+
+
+def _save_local_state(trained: AdapterState, local: frozenset[str], state_path: Path) -> None:
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in trained.items() if frozen_key(k, local)}, str(tmp))
+    tmp.replace(state_path)
+
+
+def client_state_path(cfg: Config, node: NodeSettings) -> Path:
+    """Where a client keeps strategy state across rounds: per run (``output.dir``) and client."""
+    run = hashlib.sha256(cfg.output.dir.encode()).hexdigest()[:12]
+    if node.partition_id is not None and node.data_path is None:
+        who = f"partition-{node.partition_id}"
+    else:
+        who = "node-" + hashlib.sha256(str(node.data_path).encode()).hexdigest()[:12]
+    return model.cache_root(cfg.model) / "client-state" / run / f"{who}.safetensors"
+
+
 @dataclass
 class RoundOutput:
     """A client's reply: the encoded delta and its metrics."""
@@ -138,11 +169,17 @@ def run_round(
     server_round: int,
     client_id: int,
     rank: int | None = None,
+    state_path: Path | None = None,
 ) -> RoundOutput:
     """Train from ``view`` (at LoRA rank ``rank``, default ``lora.r``) on ``split.train`` and
-    encode the delta (trained - view) of the factors the strategy trains this round."""
+    encode the delta (trained - view) of the factors the strategy trains and shares this round.
+
+    Factors the strategy keeps local (``merge.local``) are read from and written back to
+    ``state_path``, so they survive rounds and restarts of the client.
+    """
     rank = cfg.lora.r if rank is None else rank
     lora_model, tok = model.get_lora_model(replace(cfg, lora=cfg.lora.at_rank(rank)))
+    view = _with_local_state(view, merge.local, state_path)
     adapters.set_adapter_state(lora_model, view)
     frozen = merge.frozen(server_round)
     model.set_frozen(lora_model, frozen)
@@ -171,7 +208,10 @@ def run_round(
         progress=progress,
     )
     trained = adapters.get_adapter_state(lora_model)
-    delta = {k: v for k, v in adapters.subtract(trained, view).items() if not frozen_key(k, frozen)}
+    unsent = frozen | merge.local
+    delta = {k: v for k, v in adapters.subtract(trained, view).items() if not frozen_key(k, unsent)}
+    if merge.local and state_path is not None:
+        _save_local_state(trained, merge.local, state_path)
     metrics: dict[str, float | int] = {
         "num-examples": result.num_examples,
         "train-loss": result.train_loss,

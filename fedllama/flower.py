@@ -205,8 +205,8 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         """Install the global state ``server_round`` starts from, and the replies it expects."""
         self.global_state = global_state
         view = self.merge.client_view(global_state, self.rank)
-        frozen = self.merge.frozen(server_round)
-        zero = {k: torch.zeros_like(v) for k, v in view.items() if not frozen_key(k, frozen)}
+        unsent = self.merge.frozen(server_round) | self.merge.local
+        zero = {k: torch.zeros_like(v) for k, v in view.items() if not frozen_key(k, unsent)}
         encoded = self.merge.encode(zero, 1.0, view)
         self.spec = ReplySpec(shapes={k: tuple(v.shape) for k, v in encoded.items()})
 

@@ -37,6 +37,8 @@ class MergeStrategy(Protocol):
     summable: ClassVar[bool]
     mixed_ranks: ClassVar[bool]
     """Whether clients of different LoRA ranks can take part."""
+    local: ClassVar[frozenset[str]]
+    """Factors each client trains but keeps to itself across rounds (never sent)."""
 
     def frozen(self, server_round: int) -> frozenset[str]:
         """LoRA factors (``"lora_A"``, ``"lora_B"``) clients keep fixed in ``server_round``.

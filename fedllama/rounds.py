@@ -79,6 +79,16 @@ def _log_reply(server_round: int, total: int) -> Any:
     return on_reply
 
 
+def _weighted_client_eval(clients: list[dict[str, Any]]) -> float | None:
+    """Clients' own eval loss after training (personalised), weighted by examples."""
+    scored = [
+        (c["num-examples"], c["client-eval-loss"]) for c in clients if "client-eval-loss" in c
+    ]
+    if not scored:
+        return None
+    return float(sum(n * loss for n, loss in scored) / sum(n for n, _ in scored))
+
+
 def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, Any]]:
     """Run (or resume) ``server.rounds`` rounds; return the metrics rows.
 
@@ -173,6 +183,7 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, 
             "bytes_up": rep.bytes_up,
             "bytes_down": rep.bytes_down,
             "seconds": time.perf_counter() - t0,
+            "client_eval_loss": _weighted_client_eval(rep.clients),
             "clients_ok": rep.ok,
             "clients_dropped": rep.dropped,
             "clients": rep.clients,

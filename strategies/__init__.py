@@ -13,6 +13,7 @@ from fedllama.config import Config
 from fedllama.merge import MergeStrategy
 from strategies import flexlora
 from strategies.fedavg import FedAvg
+from strategies.fedsa_lora import FedSALoRA
 from strategies.ffa_lora import FFALoRA
 from strategies.hetlora import HetLoRA
 from strategies.rank_aware import RankAware
@@ -26,6 +27,7 @@ REGISTRY: dict[str, Callable[[Config], MergeStrategy]] = {
     "hetlora": HetLoRA,
     "flexlora": flexlora.build,
     "ffa_lora": FFALoRA,
+    "fedsa_lora": FedSALoRA,
     "rolora": RoLoRA,
 }
 

@@ -91,6 +91,7 @@ class SlotAveraged:
     name: ClassVar[str] = "slot_averaged"
     summable: ClassVar[bool] = True
     mixed_ranks: ClassVar[bool] = True
+    local: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, cfg: Config) -> None:
         self.global_rank = cfg.lora.r

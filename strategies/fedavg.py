@@ -24,6 +24,7 @@ class FedAvg:
     name: ClassVar[str] = "fedavg"
     summable: ClassVar[bool] = True
     mixed_ranks: ClassVar[bool] = False
+    local: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, cfg: Config | None = None) -> None:
         """FedAvg has no settings."""

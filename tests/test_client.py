@@ -9,6 +9,7 @@ import torch
 
 import strategies
 from fedllama import adapters, client, model
+from fedllama.adapters import AdapterError
 from fedllama.client import ClientSetupError, NodeSettings
 from fedllama.config import Config
 from fedllama.merge import WEIGHT_KEY
@@ -70,3 +71,21 @@ def test_round_replies_with_the_encoded_delta_only(tiny_cfg: Config) -> None:
     for k, v in view.items():
         assert out.encoded[k].dtype == torch.float32
         assert torch.allclose(out.encoded[k], n * (trained[k] - v), atol=1e-5), "w·(trained - view)"
+
+
+def test_local_factors_come_from_the_clients_own_state(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from fedllama.client import _with_local_state
+
+    a, b = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
+    view = {a: torch.ones(2, 3), b: torch.zeros(3, 2)}
+    assert _with_local_state(view, frozenset({"lora_B"}), tmp_path / "none.safetensors") is view
+    save_file({b: torch.full((3, 2), 7.0)}, str(tmp_path / "s.safetensors"))
+
+    mixed = _with_local_state(view, frozenset({"lora_B"}), tmp_path / "s.safetensors")
+
+    assert torch.equal(mixed[a], view[a]) and torch.equal(mixed[b], torch.full((3, 2), 7.0))
+    save_file({b: torch.zeros(4, 2)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(AdapterError, match=r"bad.safetensors: .*shape \(4, 2\), expected \(3, 2\)"):
+        _with_local_state(view, frozenset({"lora_B"}), tmp_path / "bad.safetensors")

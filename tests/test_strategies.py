@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import strategies
-from fedllama import config
+from fedllama import adapters, config
+from fedllama.client import NodeSettings, client_state_path
 from fedllama.merge import MergeError, SumAccumulator, frozen_key
 from tests.conftest import tiny_config
 from tests.grid import InProcessGrid, run
@@ -26,7 +27,7 @@ def _cfg(name: str, rank: int = R) -> config.Config:
 
 def _merge(name: str, deltas: list[dict[str, torch.Tensor]], weights: list[float], rnd: int = 1):
     strategy = strategies.build(_cfg(name))
-    frozen = strategy.frozen(rnd)
+    frozen = strategy.frozen(rnd) | strategy.local  # factors not sent
     acc = SumAccumulator()
     for delta, w in zip(deltas, weights, strict=True):
         acc.add(strategy.encode({k: v for k, v in delta.items() if not frozen_key(k, frozen)}, w))
@@ -55,6 +56,12 @@ def test_ffa_lora_averages_b_only() -> None:
     out = _merge("ffa_lora", [RANK1, RANK2], [1, 1])
     assert out[A].tolist() == [[0.0, 0.0], [0.0, 0.0]]
     assert out[B].tolist() == [[3.0, 6.0], [3.0, 6.0]]
+
+
+def test_fedsa_lora_averages_a_and_leaves_b_to_the_clients() -> None:
+    out = _merge("fedsa_lora", [RANK1, RANK2], [1, 3])
+    assert out[A].tolist() == [[2.5, 2.5], [5.0, 5.0]]  # per slot, like rank_aware
+    assert not out[B].any()
 
 
 def test_rolora_alternates_a_then_b() -> None:
@@ -106,7 +113,7 @@ def test_flexlora_svd_of_the_weighted_product_sum_truncates_per_rank() -> None:
 def test_merge_is_exact_when_one_factor_is_shared(name: str, rnd: int) -> None:
     torch.manual_seed(0)
     strategy = strategies.build(_cfg(name, rank=4))
-    frozen = strategy.frozen(rnd)
+    frozen = strategy.frozen(rnd) | strategy.local  # factors not sent
     shared = {A: torch.randn(4, 6), B: torch.randn(5, 4)}
     weights = [1.0, 2.0, 5.0]
     trained = [
@@ -136,7 +143,7 @@ def test_registry_builds_each_name_with_a_summable_flag(name: str) -> None:
 
 def test_unknown_strategy_lists_the_valid_ones() -> None:
     with pytest.raises(
-        ValueError, match="valid: fedavg, ffa_lora, flexlora, hetlora, rank_aware, rolora, zero_pad"
+        ValueError, match="valid: fedavg, fedsa_lora, ffa_lora, flexlora, hetlora, rank_aware,"
     ):
         strategies.build(_cfg("nope"))
 
@@ -154,7 +161,7 @@ def test_views_have_the_client_rank_and_encodings_do_not(name: str) -> None:
         view = strategy.client_view(global_state, rank)
         assert view[A].shape == (rank, 6) and view[B].shape == (5, rank)
         assert view[A].dtype == torch.float32
-        frozen = strategy.frozen(1)
+        frozen = strategy.frozen(1) | strategy.local
         enc = strategy.encode(
             {k: v for k, v in view.items() if not frozen_key(k, frozen)}, 1.0, view
         )
@@ -170,7 +177,7 @@ def test_client_order_is_irrelevant_and_one_client_gives_its_update(name: str, r
     torch.manual_seed(1)
     strategy = strategies.build(_cfg(name, rank=4))
     global_state = strategy.init_global(_random_global(4))
-    frozen = strategy.frozen(rnd)
+    frozen = strategy.frozen(rnd) | strategy.local  # factors not sent
     ranks = [4] * 3 if name == "fedavg" else [4, 2, 3]
     views = [strategy.client_view(global_state, r) for r in ranks]
     deltas = [
@@ -280,3 +287,28 @@ def test_flexlora_factored_equals_dense() -> None:
         assert torch.allclose(x[B] @ x[A], y[B] @ y[A], atol=1e-4)
     with pytest.raises(MergeError, match="trusted-server rule"):
         factored.decode(acc.total, g)
+
+
+def test_fedsa_lora_clients_keep_their_own_b_across_rounds_and_restarts(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    overrides = ["strategy.name=fedsa_lora", "lora.client_ranks=[2,4]"]
+    cfg = tiny_config(cache_dir, out, *overrides, "server.rounds=1")
+    run(InProcessGrid(2), cfg)
+    mine = [client_state_path(cfg, NodeSettings(partition_id=p)) for p in (0, 1)]
+    assert all(p.is_file() for p in mine)
+    after_1 = {p: load_file(str(p)) for p in mine}
+    assert all(k.endswith("lora_B.weight") for s in after_1.values() for k in s)
+    assert all(v.any() for s in after_1.values() for v in s.values()), "B trained locally"
+    global_b = adapters.load_adapter(out / "round-001")[0]
+    assert not any(v.any() for k, v in global_b.items() if k.endswith("lora_B.weight"))
+
+    rows = run(InProcessGrid(2), tiny_config(cache_dir, out, *overrides))  # a restart: resume
+
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for path, before in after_1.items():
+        now = load_file(str(path))
+        assert any(not torch.equal(now[k], before[k]) for k in before), "B kept training"
