@@ -39,3 +39,28 @@ def test_simulate_runs_rounds_and_writes_peft_adapters(cache_dir: Path, tmp_path
     base = json.loads((round_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), round_dir)
     assert model.peft_config["default"].r == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "strategy",
+    ["zero_pad", "rank_aware", "hetlora", "ffa_lora", "rolora", "fedsa_lora", "flexlora"],
+)
+def test_simulate_with_mixed_ranks_per_strategy(
+    strategy: str, cache_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "fedllama.cli", "simulate", str(TINY_YAML),
+        f"model.cache_dir={cache_dir}", f"output.dir={out}", f"strategy.name={strategy}",
+        "lora.client_ranks=[2,3,4]",
+    ]  # fmt: skip
+
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients_ok"] for r in rows[1:]] == [3, 3]
+    assert sorted(c["lora-rank"] for c in rows[-1]["clients"]) == [2, 3, 4]
+    for sub in ("rank-02", "rank-03"):
+        assert (out / "round-002" / sub / "adapter_model.safetensors").is_file()
