@@ -73,13 +73,15 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def comparison_table(runs: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown table: eval loss per round, final change, upload per round, seconds."""
+    """Markdown table: global eval loss per round and its change, the clients' own eval loss
+    after the last round, upload per client per round, seconds per round."""
     rounds = max((len(rows) for rows in runs.values()), default=0)
     header = [
         "strategy",
         *[f"eval r{i}" for i in range(rounds)],
         "Δ eval",
-        "MB up/round",
+        "client eval (last)",
+        "MB up/client/round",
         "s/round",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -88,13 +90,15 @@ def comparison_table(runs: dict[str, list[dict[str, Any]]]) -> str:
         cells = [f"{e:.4f}" if e is not None else "-" for e in evals]
         cells += ["-"] * (rounds - len(cells))
         trained = [r for r in rows if r["round"] > 0]
-        first, last = (evals[0], evals[-1]) if evals else (None, None)
-        change = f"{last - first:+.4f}" if first is not None and last is not None else "-"
-        up = sum(r["bytes_up"] for r in trained) / max(len(trained), 1) / 1e6
-        secs = sum(r["seconds"] for r in trained) / max(len(trained), 1)
-        lines.append(
-            f"| {name} | " + " | ".join([*cells, change, f"{up:.2f}", f"{secs:.0f}"]) + " |"
-        )
+        first, final = (evals[0], evals[-1]) if evals else (None, None)
+        change = f"{final - first:+.4f}" if first is not None and final is not None else "-"
+        n = max(len(trained), 1)
+        up = sum(r["bytes_up"] / max(r.get("clients_ok", 1), 1) for r in trained) / n / 1e6
+        secs = sum(r["seconds"] for r in trained) / n
+        client_eval = trained[-1].get("client_eval_loss") if trained else None
+        client = f"{client_eval:.4f}" if _finite(client_eval) else "-"
+        row = [*cells, change, client, f"{up:.2f}", f"{secs:.0f}"]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -23,7 +23,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--strategies", default="zero_pad,rank_aware,ffa_lora,rolora")
+    parser.add_argument(
+        "--strategies", default="zero_pad,rank_aware,hetlora,ffa_lora,rolora,fedsa_lora,flexlora"
+    )
     parser.add_argument("--out", default="runs/compare")
     args = parser.parse_args()
     out = Path(args.out)

@@ -6,31 +6,11 @@ from pathlib import Path
 
 from fedllama import report
 
+_KEYS = ("round", "eval_loss", "train_loss", "bytes_up", "bytes_down", "seconds", "clients_ok")
 ROWS = [
-    {
-        "round": 0,
-        "eval_loss": 3.0,
-        "train_loss": None,
-        "bytes_up": 0,
-        "bytes_down": 0,
-        "seconds": 1.0,
-    },
-    {
-        "round": 1,
-        "eval_loss": 2.5,
-        "train_loss": 2.8,
-        "bytes_up": 4e6,
-        "bytes_down": 4e6,
-        "seconds": 10.0,
-    },
-    {
-        "round": 2,
-        "eval_loss": 2.0,
-        "train_loss": 2.2,
-        "bytes_up": 2e6,
-        "bytes_down": 4e6,
-        "seconds": 20.0,
-    },
+    dict(zip(_KEYS, (0, 3.0, None, 0, 0, 1.0, 0), strict=True)),
+    {**dict(zip(_KEYS, (1, 2.5, 2.8, 4e6, 4e6, 10.0, 2), strict=True)), "client_eval_loss": 2.6},
+    {**dict(zip(_KEYS, (2, 2.0, 2.2, 2e6, 4e6, 20.0, 1), strict=True)), "client_eval_loss": 1.9},
 ]
 
 
@@ -43,9 +23,10 @@ def test_summary_reports_the_eval_change() -> None:
 def test_comparison_table_has_a_row_per_strategy_with_means() -> None:
     table = report.comparison_table({"a": ROWS, "b": ROWS[:2]})
     lines = table.splitlines()
-    assert lines[0].startswith("| strategy | eval r0 | eval r1 | eval r2 | Δ eval")
-    assert lines[2] == "| a | 3.0000 | 2.5000 | 2.0000 | -1.0000 | 3.00 | 15 |"
-    assert lines[3] == "| b | 3.0000 | 2.5000 | - | -0.5000 | 4.00 | 10 |"
+    assert lines[0].startswith("| strategy | eval r0 | eval r1 | eval r2 | Δ eval | client eval")
+    # MB up per client: round 1 4 MB / 2 clients, round 2 2 MB / 1 client -> mean 2.00
+    assert lines[2] == "| a | 3.0000 | 2.5000 | 2.0000 | -1.0000 | 1.9000 | 2.00 | 15 |"
+    assert lines[3] == "| b | 3.0000 | 2.5000 | - | -0.5000 | 2.6000 | 2.00 | 10 |"
 
 
 def test_plots_are_written(tmp_path: Path) -> None:
