@@ -25,6 +25,11 @@ def is_b(key: str) -> bool:
     return key.endswith("lora_B.weight")
 
 
+def lora_pairs(state: AdapterState) -> list[tuple[str, str]]:
+    """(A key, B key) of every adapted module in ``state``."""
+    return [(k, k.replace("lora_A", "lora_B")) for k in state if is_a(k)]
+
+
 def module_of(key: str) -> str:
     """The adapted layer a LoRA key belongs to (``...q_proj`` of ``...q_proj.lora_A.weight``)."""
     return key.rsplit(".lora_", 1)[0]

@@ -29,7 +29,16 @@ import torch
 from fedllama.adapters import AdapterState
 from fedllama.config import Config
 from fedllama.merge import MergeError, MergeStrategy
-from strategies._rank import SLOT_WEIGHT, SlotAveraged, is_a, is_b, module_of, pad, rank_of
+from strategies._rank import (
+    SLOT_WEIGHT,
+    SlotAveraged,
+    is_a,
+    is_b,
+    lora_pairs,
+    module_of,
+    pad,
+    rank_of,
+)
 
 DENSE = "fedllama.dense."
 
@@ -48,10 +57,7 @@ class FlexLoRA(SlotAveraged):
         if view is None:
             raise MergeError("flexlora needs the client's view to form its product update")
         encoded: AdapterState = {}
-        for key in delta:
-            if not is_a(key):
-                continue
-            b_key = key.replace("lora_A", "lora_B")
+        for key, b_key in lora_pairs(delta):
             before = view[b_key] @ view[key]  # (out, r) @ (r, in)
             after = (view[b_key] + delta[b_key]) @ (view[key] + delta[key])
             encoded[DENSE + module_of(key)] = (after - before) * weight
@@ -69,11 +75,8 @@ class FlexLoRA(SlotAveraged):
         if total <= 0:
             raise MergeError(f"total client weight is {total}; nothing to average")
         out: AdapterState = {}
-        for key, a in global_state.items():
-            if not is_a(key):
-                continue
-            b_key = key.replace("lora_A", "lora_B")
-            b = global_state[b_key]
+        for key, b_key in lora_pairs(global_state):
+            a, b = global_state[key], global_state[b_key]
             views = (b * (slots / total)[None, :]) @ a  # Σ p_k B[:, :r_k] A[:r_k]
             w = views + summed[DENSE + module_of(key)] / total
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
@@ -131,10 +134,8 @@ class FlexLoRAFactored(SlotAveraged):
         if not encodings or total <= 0:
             raise MergeError(f"total client weight is {total}; nothing to average")
         out: AdapterState = {}
-        for key, a in global_state.items():
-            if not is_a(key):
-                continue
-            b_key = key.replace("lora_A", "lora_B")
+        for key, b_key in lora_pairs(global_state):
+            a = global_state[key]
             # B_s: (out, Σr) with p_k folded in; A_s: (Σr, in); W = B_s A_s
             b_s = torch.cat(
                 [

@@ -21,7 +21,7 @@ import torch
 
 from fedllama.adapters import AdapterState
 from fedllama.merge import MergeError
-from strategies._rank import SlotAveraged, is_a, is_b, module_of, pad, rank_of
+from strategies._rank import SlotAveraged, is_a, is_b, lora_pairs, module_of, pad, rank_of
 
 NORM = "fedllama.norm."
 SLOTS = "fedllama.slot_norm."
@@ -41,11 +41,8 @@ class HetLoRA(SlotAveraged):
         rank = rank_of(view)
         padded = pad(delta, self.global_rank)
         encoded: AdapterState = {}
-        for key in delta:
-            if not is_a(key):
-                continue
+        for key, b_key in lora_pairs(delta):
             module = module_of(key)
-            b_key = key.replace("lora_A", "lora_B")
             trained_a = view[key] + delta[key]  # A: (r, in)
             trained_b = view[b_key] + delta[b_key]  # B: (out, r)
             norm = torch.linalg.matrix_norm(trained_b @ trained_a).reshape(1).float()
