@@ -398,8 +398,3 @@ def from_yaml(text: str, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(_explain(err)) from None
     assert isinstance(cfg, Config)
     return cfg
-
-
-def as_dict(cfg: Config) -> dict[str, Any]:
-    """Plain nested dict of a config (for JSON reports)."""
-    return asdict(cfg)
