@@ -14,6 +14,7 @@ from fedllama import setup_logging
 from fedllama.client import NodeSettings, client_state_path, load_split, run_round
 from fedllama.config import from_yaml
 from fedllama.flower import ARRAYS, CONFIG, CONFIG_YAML, METRICS, ROUND, from_record, to_record
+from fedllama.merge import residual_view
 
 app = ClientApp()
 
@@ -29,7 +30,9 @@ def train(msg: Message, context: Context) -> Message:
     split = load_split(cfg, node)
     merge = strategies.build(run_cfg)
     rank = node.rank(run_cfg)
-    view = merge.client_view(from_record(msg.content.array_records[ARRAYS]), rank)
+    global_state = from_record(msg.content.array_records[ARRAYS])
+    view = merge.client_view(global_state, rank)
+    residual = residual_view(merge, global_state, rank)
     result = run_round(
         cfg,
         merge,
@@ -39,7 +42,9 @@ def train(msg: Message, context: Context) -> Message:
         client_id=node.partition_id if node.partition_id is not None else -1,
         rank=rank,
         state_path=client_state_path(run_cfg, node),
+        residual=residual,
     )
     metrics = MetricRecord(dict(result.metrics.items()))  # type: ignore[arg-type]
     content = RecordDict({ARRAYS: to_record(result.encoded), METRICS: metrics})
     return Message(content=content, reply_to=msg)
+

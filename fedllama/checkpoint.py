@@ -47,24 +47,25 @@ def save_round(
     out: Path,
     server_round: int,
     global_state: AdapterState,
-    adapter: AdapterState,
     optimizer_state: AdapterState,
-    cfg: Config,
     base_dir: Path,
-    rank_views: dict[int, AdapterState] | None = None,
+    peft_adapters: list[tuple[int, AdapterState, dict[str, Any]]],
 ) -> Path:
-    """Write ``round-NNN`` atomically: the PEFT adapter, global state and optimizer state,
-    plus ``rank-RR/`` PEFT adapters of the views for client ranks other than ``lora.r``."""
+    """Write ``round-NNN`` atomically: the global state, the optimizer state and PEFT adapters.
+
+    ``peft_adapters`` holds (client rank, weights, ``peft.LoraConfig`` kwargs); the first is
+    written at the top of the round directory, the others as ``rank-RR/``.
+    """
     final = round_dir(out, server_round)
     tmp = out / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    adapters.save_adapter(tmp, adapter, cfg.lora.peft_kwargs(), base_dir)
+    (_, top, top_lora), *others = peft_adapters
+    adapters.save_adapter(tmp, top, top_lora, base_dir)
     save_file({k: v.contiguous() for k, v in global_state.items()}, str(tmp / SERVER_STATE))
     save_file({k: v.contiguous() for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER_STATE))
-    for rank, view in sorted((rank_views or {}).items()):
-        lora = cfg.lora.at_rank(rank).peft_kwargs()
-        adapters.save_adapter(tmp / f"rank-{rank:02d}", view, lora, base_dir)
+    for rank, state, lora in others:
+        adapters.save_adapter(tmp / f"rank-{rank:02d}", state, lora, base_dir)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -170,15 +170,18 @@ def run_round(
     client_id: int,
     rank: int | None = None,
     state_path: Path | None = None,
+    residual: AdapterState | None = None,
 ) -> RoundOutput:
     """Train from ``view`` (at LoRA rank ``rank``, default ``lora.r``) on ``split.train`` and
     encode the delta (trained - view) of the factors the strategy trains and shares this round.
 
     Factors the strategy keeps local (``merge.local``) are read from and written back to
-    ``state_path``, so they survive rounds and restarts of the client.
+    ``state_path``, so they survive rounds and restarts of the client. ``residual`` (exact
+    strategies: ``merge.residual_view``) is installed as a frozen second adapter.
     """
     rank = cfg.lora.r if rank is None else rank
     lora_model, tok = model.get_lora_model(replace(cfg, lora=cfg.lora.at_rank(rank)))
+    model.set_residual(lora_model, residual or {}, cfg)
     view = _with_local_state(view, merge.local, state_path)
     adapters.set_adapter_state(lora_model, view)
     frozen = merge.frozen(server_round)

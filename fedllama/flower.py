@@ -267,7 +267,7 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
             report.delta = self.merge.decode(acc.total, self.global_state)
         else:
             trusted = cast(TrustedMergeStrategy, self.merge)
-            report.delta = trusted.aggregate(held, self.global_state)
+            report.delta = trusted.aggregate(held, self.global_state, server_round)
         metrics = MetricRecord({TRAIN_LOSS: report.train_loss, NUM_EXAMPLES: int(weight)})
         return to_record(report.delta), metrics
 

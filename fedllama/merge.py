@@ -12,7 +12,7 @@ Strategies live in ``strategies/`` (plain torch, one file each) and implement
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, cast
 
 import torch
 
@@ -39,6 +39,8 @@ class MergeStrategy(Protocol):
     """Whether clients of different LoRA ranks can take part."""
     local: ClassVar[frozenset[str]]
     """Factors each client trains but keeps to itself across rounds (never sent)."""
+    residual: ClassVar[bool]
+    """Whether the global state carries a frozen residual adapter (ResidualMergeStrategy)."""
 
     def frozen(self, server_round: int) -> frozenset[str]:
         """LoRA factors (``"lora_A"``, ``"lora_B"``) clients keep fixed in ``server_round``.
@@ -81,10 +83,101 @@ class TrustedMergeStrategy(MergeStrategy, Protocol):
     """
 
     def aggregate(
-        self, encodings: Sequence[AdapterState], global_state: AdapterState
+        self, encodings: Sequence[AdapterState], global_state: AdapterState, server_round: int = 0
     ) -> AdapterState:
-        """Aggregated delta for every key of ``global_state`` from the individual encodings."""
+        """Aggregated delta for every key of ``global_state`` from the individual encodings of
+        round ``server_round``."""
         ...
+
+
+class ResidualMergeStrategy(TrustedMergeStrategy, Protocol):
+    """An exact rule that keeps what the trainable adapter cannot hold in a frozen residual.
+
+    FLoRA and FedEx-LoRA "merge into W" in their papers; writing into a 4-bit base is lossy, so
+    the accumulated update lives instead in the global state under :data:`RESIDUAL` as low-rank
+    factors (B_res A_res is the update itself, peft's scale already applied), which every client
+    and the server's evaluator install as a second, frozen LoRA adapter. In an aggregated delta
+    the :data:`RESIDUAL` keys are *increments* (B_inc, A_inc): :func:`add_residual` adds their
+    product by stacking factors.
+    """
+
+    scale: float
+    """peft's ``lora_alpha / r`` of the trainable adapter (equal for every client rank)."""
+
+    def residual_view(self, global_state: AdapterState, rank: int) -> AdapterState:
+        """Frozen residual factors (B: (out, k), A: (k, in)) a client of ``rank`` installs."""
+        ...
+
+
+def residual_view(strategy: MergeStrategy, global_state: AdapterState, rank: int) -> AdapterState:
+    """The frozen residual a client of ``rank`` installs (empty for rules without one)."""
+    if not strategy.residual:
+        return {}
+    return cast(ResidualMergeStrategy, strategy).residual_view(global_state, rank)
+
+
+RESIDUAL = "fedllama.residual."
+"""Prefix of the residual adapter's factors in a global state or an aggregated delta."""
+
+
+def split_residual(state: AdapterState) -> tuple[AdapterState, AdapterState]:
+    """(trainable adapter keys, residual factors with the prefix removed)."""
+    lora = {k: v for k, v in state.items() if not k.startswith(RESIDUAL)}
+    residual = {k.removeprefix(RESIDUAL): v for k, v in state.items() if k.startswith(RESIDUAL)}
+    return lora, residual
+
+
+def with_prefix(residual: AdapterState) -> AdapterState:
+    """Residual factors keyed for a global state (the inverse of :func:`split_residual`)."""
+    return {RESIDUAL + k: v for k, v in residual.items()}
+
+
+def _pairs(state: AdapterState) -> list[tuple[str, str]]:
+    return [(k, k.replace("lora_A", "lora_B")) for k in state if k.endswith("lora_A.weight")]
+
+
+def add_residual(residual: AdapterState, increment: AdapterState) -> AdapterState:
+    """Residual factors whose product is ``residual``'s plus ``increment``'s, module by module.
+
+    The factors are stacked ([B_res, B_inc], [A_res; A_inc]) and re-factored exactly at their
+    numerical rank (:func:`fedllama.lowrank.compress`), then zero-padded to one rank shared by
+    every module, so the residual is one peft adapter and never grows past min(out, in).
+    """
+    from fedllama.lowrank import compress
+
+    merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for a_key, b_key in _pairs(increment):
+        b, a = increment[b_key], increment[a_key]
+        if a_key in residual:
+            b = torch.cat([residual[b_key], b], 1)  # (out, k_res + k_inc)
+            a = torch.cat([residual[a_key], a], 0)  # (k_res + k_inc, in)
+        new_b, new_a = compress(b, a)
+        merged[a_key] = (new_a, new_b)
+    for a_key, b_key in _pairs(residual):
+        merged.setdefault(a_key, (residual[a_key], residual[b_key]))
+    rank = max([a.shape[0] for a, _ in merged.values()] + [1])
+    out: AdapterState = {}
+    for a_key, (a, b) in merged.items():
+        out[a_key] = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
+        out[a_key.replace("lora_A", "lora_B")] = torch.cat(
+            [b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1
+        )
+    return out
+
+
+def with_residual(adapter: AdapterState, residual: AdapterState, scale: float) -> AdapterState:
+    """One adapter at peft scale 1 equal to ``residual`` plus ``adapter`` (at ``scale``).
+
+    B = [B_res, scale·B], A = [A_res; A]: save it with ``r = lora_alpha = `` its rank and
+    ``PeftModel.from_pretrained`` gives the whole global model with a single adapter.
+    """
+    out: AdapterState = {}
+    for a_key, b_key in _pairs(adapter):
+        res_a = residual.get(a_key, adapter[a_key][:0])
+        res_b = residual.get(b_key, adapter[b_key][:, :0])
+        out[a_key] = torch.cat([res_a, adapter[a_key]], 0)
+        out[b_key] = torch.cat([res_b, scale * adapter[b_key]], 1)
+    return out
 
 
 def frozen_key(key: str, frozen: frozenset[str]) -> bool:

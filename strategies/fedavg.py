@@ -25,6 +25,7 @@ class FedAvg:
     summable: ClassVar[bool] = True
     mixed_ranks: ClassVar[bool] = False
     local: ClassVar[frozenset[str]] = frozenset()
+    residual: ClassVar[bool] = False
 
     def __init__(self, cfg: Config | None = None) -> None:
         """FedAvg has no settings."""

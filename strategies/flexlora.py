@@ -28,15 +28,17 @@ import torch
 
 from fedllama.adapters import AdapterState
 from fedllama.config import Config
+from fedllama.lowrank import product_svd, split_singular
 from fedllama.merge import MergeError, MergeStrategy
 from strategies._rank import (
     SLOT_WEIGHT,
+    SendsFactors,
     SlotAveraged,
+    client_weights,
     is_a,
     is_b,
     lora_pairs,
     module_of,
-    pad,
     rank_of,
 )
 
@@ -80,7 +82,7 @@ class FlexLoRA(SlotAveraged):
             views = (b * (slots / total)[None, :]) @ a  # Σ p_k B[:, :r_k] A[:r_k]
             w = views + summed[DENSE + module_of(key)] / total
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
-            new_b, new_a = _split(u, s, vh, self.global_rank)
+            new_b, new_a = split_singular(u, s, vh, self.global_rank)
             out[b_key] = new_b - b
             out[key] = new_a - a
         missing = set(global_state) - set(out)
@@ -91,66 +93,26 @@ class FlexLoRA(SlotAveraged):
         return out
 
 
-def _split(
-    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-``rank`` factors B = U S^½, A = S^½ Vᵀ, zero-padded if fewer singular values."""
-    k = min(rank, s.shape[0])
-    root = s[:k].clamp_min(0).sqrt()
-    b = u.new_zeros(u.shape[0], rank)
-    a = vh.new_zeros(rank, vh.shape[1])
-    b[:, :k] = u[:, :k] * root[None, :]
-    a[:k] = root[:, None] * vh[:k]
-    return b, a
-
-
-class FlexLoRAFactored(SlotAveraged):
+class FlexLoRAFactored(SendsFactors):
     """FlexLoRA from the clients' factors: QR of the stacked factors, SVD of the small core."""
 
     name: ClassVar[str] = "flexlora"
-    summable: ClassVar[bool] = False
-
-    def encode(
-        self, delta: AdapterState, weight: float, view: AdapterState | None = None
-    ) -> AdapterState:
-        """The trained factors padded to the global rank, plus the weighted slot mask."""
-        if view is None:
-            raise MergeError("flexlora needs the client's view to send its trained factors")
-        encoded = super().encode(delta, weight)  # checks the weight and builds the slot mask
-        trained = pad({k: view[k] + delta[k] for k in delta}, self.global_rank)
-        return {**trained, SLOT_WEIGHT: encoded[SLOT_WEIGHT]}
-
-    def decode(self, summed: AdapterState, global_state: AdapterState) -> AdapterState:
-        """Not available: this form needs each client's factors (see :meth:`aggregate`)."""
-        raise MergeError("flexlora_form=factored is a trusted-server rule; it has no sum form")
 
     def aggregate(
-        self, encodings: Sequence[AdapterState], global_state: AdapterState
+        self, encodings: Sequence[AdapterState], global_state: AdapterState, server_round: int = 0
     ) -> AdapterState:
         """W = Σ_k p_k B_k A_k through QR + a (Σr_k)² SVD; return the change of the factors."""
-        weights = [float(e[SLOT_WEIGHT][0]) for e in encodings]
-        ranks = [int((e[SLOT_WEIGHT] > 0).sum()) for e in encodings]
-        total = sum(weights)
-        if not encodings or total <= 0:
-            raise MergeError(f"total client weight is {total}; nothing to average")
+        shares, ranks = client_weights(list(encodings))
         out: AdapterState = {}
         for key, b_key in lora_pairs(global_state):
-            a = global_state[key]
             # B_s: (out, Σr) with p_k folded in; A_s: (Σr, in); W = B_s A_s
             b_s = torch.cat(
-                [
-                    e[b_key][:, :r] * (w / total)
-                    for e, r, w in zip(encodings, ranks, weights, strict=True)
-                ],
-                1,
+                [e[b_key][:, :r] * p for e, r, p in zip(encodings, ranks, shares, strict=True)], 1
             )
             a_s = torch.cat([e[key][:r] for e, r in zip(encodings, ranks, strict=True)], 0)
-            q_b, r_b = torch.linalg.qr(b_s)  # (out, q) (q, Σr)
-            q_a, r_a = torch.linalg.qr(a_s.T)  # (in, p) (p, Σr)
-            u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)  # the small core
-            new_b, new_a = _split(q_b @ u, s, vh @ q_a.T, self.global_rank)
+            new_b, new_a = split_singular(*product_svd(b_s, a_s), self.global_rank)
             out[b_key] = new_b - global_state[b_key]
-            out[key] = new_a - a
+            out[key] = new_a - global_state[key]
         if set(out) != set(global_state):
             raise MergeError("flexlora merges only LoRA A and B weights")
         return out

@@ -12,7 +12,20 @@ import torch
 import strategies
 from fedllama import adapters, config
 from fedllama.client import NodeSettings, client_state_path
-from fedllama.merge import MergeError, SumAccumulator, frozen_key
+from fedllama.lowrank import compress
+from fedllama.merge import (
+    RESIDUAL,
+    MergeError,
+    MergeStrategy,
+    SumAccumulator,
+    add_residual,
+    frozen_key,
+    residual_view,
+    split_residual,
+    with_prefix,
+)
+from fedllama.optimizer import ServerSGD
+from fedllama.rounds import apply_delta
 from tests.conftest import tiny_config
 from tests.grid import InProcessGrid, run
 
@@ -130,6 +143,164 @@ def test_merge_is_exact_when_one_factor_is_shared(name: str, rnd: int) -> None:
     assert torch.allclose(merged[B] @ merged[A], exact, atol=1e-5)
 
 
+# ---------------------------------------------------------------- exact rules with a residual
+
+
+def _merge_encodings(
+    strategy: MergeStrategy,
+    encodings: list[dict[str, torch.Tensor]],
+    global_state: dict[str, torch.Tensor],
+    rnd: int = 1,
+) -> dict[str, torch.Tensor]:
+    """The aggregated delta, through the sum (summable rules) or the individual encodings."""
+    if not strategy.summable:
+        return strategy.aggregate(encodings, global_state, rnd)  # type: ignore[attr-defined]
+    acc = SumAccumulator()
+    for e in encodings:
+        acc.add(e)
+    return strategy.decode(acc.total, global_state)
+
+
+def _apply(
+    global_state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    return apply_delta(global_state, delta, ServerSGD(1.0))
+
+
+def _effective(
+    strategy: MergeStrategy,
+    global_state: dict[str, torch.Tensor],
+    rank: int,
+    trained: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The update of a client of ``rank``'s model: its residual + s·B A (``trained`` or view)."""
+    view = trained if trained is not None else strategy.client_view(global_state, rank)
+    scale = strategy.scale  # type: ignore[attr-defined]
+    update = scale * view[B] @ view[A]
+    residual = residual_view(strategy, global_state, rank)
+    return update + residual[B] @ residual[A] if residual else update
+
+
+def _with_residual(strategy: MergeStrategy, rank: int) -> dict[str, torch.Tensor]:
+    """A global state that already holds a residual and a trained (non-zero) adapter."""
+    g = strategy.init_global({A: torch.randn(rank, 6), B: torch.randn(5, rank)})
+    return {**g, **with_prefix({A: torch.randn(3, 6), B: torch.randn(5, 3)})}
+
+
+def test_flora_stacks_the_clients_products_into_the_residual_and_restarts_fresh() -> None:
+    strategy = strategies.build(
+        config.load(None, ["strategy.name=flora", "lora.r=2", "lora.lora_alpha=4"])
+    )  # s = 2
+    g = strategy.init_global({A: torch.ones(2, 2), B: torch.zeros(2, 2)})  # peft init: B = 0
+    c1 = {A: torch.tensor([[1.0, 0.0]]), B: torch.tensor([[1.0], [0.0]])}  # rank 1
+    c2 = {A: torch.tensor([[0.0, 1.0], [1.0, 1.0]]), B: torch.tensor([[0.0, 0.0], [2.0, 0.0]])}
+    views = [strategy.client_view(g, 1), strategy.client_view(g, 2)]
+    encodings = [
+        strategy.encode({k: c[k] - v[k] for k in v}, w, v)
+        for c, v, w in zip((c1, c2), views, (1.0, 3.0), strict=True)
+    ]
+
+    new = _apply(g, strategy.aggregate(encodings, g, 1))
+
+    # R' = s·(1/4·B1 A1 + 3/4·B2 A2) = 2·(1/4·[[1,0],[0,0]] + 3/4·[[0,0],[0,2]])
+    residual = split_residual(new)[1]
+    assert torch.allclose(
+        residual[B] @ residual[A], torch.tensor([[0.5, 0.0], [0.0, 3.0]]), atol=1e-6
+    )
+    assert not new[B].any(), "the trainable adapter restarts with B = 0"
+    assert new[A].abs().max() <= 2**-0.5 and not torch.equal(new[A], g[A]), "a fresh A"
+    again = _apply(g, strategy.aggregate(encodings, g, 1))
+    assert torch.equal(again[A], new[A]), "the fresh A is drawn from data.seed + round"
+
+
+def test_fedex_lora_averages_the_factors_and_keeps_the_error_in_the_residual() -> None:
+    strategy = strategies.build(config.load(None, ["strategy.name=fedex_lora", "lora.r=1"]))
+    s = strategy.scale  # type: ignore[attr-defined]
+    g = strategy.init_global({A: torch.zeros(1, 2), B: torch.zeros(2, 1)})
+    c1 = {A: torch.tensor([[1.0, 0.0]]), B: torch.tensor([[1.0], [0.0]])}
+    c2 = {A: torch.tensor([[0.0, 1.0]]), B: torch.tensor([[0.0], [1.0]])}
+    encodings = [strategy.encode(c, 1.0, g) for c in (c1, c2)]  # deltas from a zero view
+
+    new = _apply(g, strategy.aggregate(encodings, g, 1))
+
+    assert new[A].tolist() == [[0.5, 0.5]] and new[B].tolist() == [[0.5], [0.5]]  # FedIT's mean
+    residual = split_residual(new)[1]
+    # Σ p_k B_k A_k - B̄ Ā = diag(.5, .5) - .25·ones, at peft's scale s
+    error = torch.tensor([[0.25, -0.25], [-0.25, 0.25]])
+    assert torch.allclose(residual[B] @ residual[A], s * error, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["flora", "fedex_lora"])
+def test_exact_rules_merge_to_the_weighted_mean_of_the_client_models(name: str) -> None:
+    torch.manual_seed(5)
+    strategy = strategies.build(config.load(None, [f"strategy.name={name}", "lora.r=4"]))
+    g = _with_residual(strategy, 4)
+    full = _effective(strategy, g, 4)
+    for rank in (1, 2, 3):  # every client starts from the same function, whatever its rank
+        assert torch.allclose(_effective(strategy, g, rank), full, atol=1e-5)
+    ranks, weights = [4, 2, 3], [2.0, 1.0, 4.0]
+    views = [strategy.client_view(g, r) for r in ranks]
+    deltas = [{k: torch.randn_like(v) for k, v in view.items()} for view in views]
+    encodings = [strategy.encode(d, w, v) for d, w, v in zip(deltas, weights, views, strict=True)]
+
+    new = _apply(g, strategy.aggregate(encodings, g, 1))
+
+    p = [w / sum(weights) for w in weights]
+    target = sum(
+        pk * _effective(strategy, g, r, {k: v[k] + d[k] for k in v})
+        for pk, r, v, d in zip(p, ranks, views, deltas, strict=True)
+    )
+    for rank in (4, 3, 2, 1):  # Σ p_k B_k A_k to 1e-5, seen from every rank
+        assert torch.allclose(_effective(strategy, new, rank), target, rtol=1e-5, atol=1e-5)
+
+
+def test_add_residual_is_exact_capped_at_full_rank_and_one_rank_for_all_modules() -> None:
+    torch.manual_seed(2)
+    a2, b2 = A.replace("q_proj", "k_proj"), B.replace("q_proj", "k_proj")
+    residual = {
+        A: torch.randn(2, 6),
+        B: torch.randn(5, 2),
+        a2: torch.randn(2, 3),
+        b2: torch.randn(4, 2),
+    }
+    increment = {
+        A: torch.randn(7, 6),
+        B: torch.randn(5, 7),
+        a2: torch.randn(1, 3),
+        b2: torch.randn(4, 1),
+    }
+
+    out = add_residual(residual, increment)
+
+    for a_key, b_key in ((A, B), (a2, b2)):
+        expected = residual[b_key] @ residual[a_key] + increment[b_key] @ increment[a_key]
+        assert torch.allclose(out[b_key] @ out[a_key], expected, atol=1e-5)
+    assert out[A].shape == (5, 6), "rank capped at min(out, in) = 5"
+    assert out[a2].shape == (5, 3) and out[b2].shape == (4, 5), "padded to the shared rank"
+
+
+def test_lowrank_compress_drops_only_round_off() -> None:
+    torch.manual_seed(4)
+    b, a = torch.randn(8, 3), torch.randn(3, 9)
+    stacked_b, stacked_a = torch.cat([b, b, -b], 1), torch.cat([a, a, a], 0)  # rank 3 in 9 columns
+
+    new_b, new_a = compress(stacked_b, stacked_a)
+
+    assert new_b.shape == (8, 3) and new_a.shape == (3, 9)
+    assert torch.allclose(new_b @ new_a, b @ a, atol=1e-5)
+    zero_b, zero_a = compress(torch.zeros(8, 2), torch.zeros(2, 9))
+    assert zero_b.shape == (8, 0) and zero_a.shape == (0, 9)
+
+
+def test_exact_rules_refuse_a_server_optimizer_before_the_run() -> None:
+    import server.app
+
+    for bad in ("server.optimizer=adam", "server.lr=0.5"):
+        with pytest.raises(config.ConfigError, match="strategy flora is exact.*server.lr=1.0"):
+            server.app.check(config.load(None, ["strategy.name=flora", bad]))
+    server.app.check(config.load(None, ["strategy.name=flora"]))
+
+
 # ---------------------------------------------------------------- contracts over the registry
 
 HETERO = sorted(n for n in strategies.REGISTRY if n != "fedavg")
@@ -143,7 +314,8 @@ def test_registry_builds_each_name_with_a_summable_flag(name: str) -> None:
 
 def test_unknown_strategy_lists_the_valid_ones() -> None:
     with pytest.raises(
-        ValueError, match="valid: fedavg, fedsa_lora, ffa_lora, flexlora, hetlora, rank_aware,"
+        ValueError,
+        match="valid: fedavg, fedex_lora, fedsa_lora, ffa_lora, flexlora, flora, hetlora, rank_",
     ):
         strategies.build(_cfg("nope"))
 
@@ -191,12 +363,14 @@ def test_client_order_is_irrelevant_and_one_client_gives_its_update(name: str, r
     weights = [2.0, 1.0, 4.0]
 
     def merged(order: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        acc = SumAccumulator()
-        for i in order:
-            acc.add(strategy.encode(deltas[i], weights[i], views[i]))
-        return strategy.decode(acc.total, global_state)
+        encodings = [strategy.encode(deltas[i], weights[i], views[i]) for i in order]
+        return _merge_encodings(strategy, encodings, global_state, rnd)
 
     def product(delta: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The merged model's update: B·A (at peft scale, plus the residual for exact rules)."""
+        if strategy.residual:
+            new = _apply(base, delta)
+            return _effective(strategy, new, 4)
         return (base[B] + delta.get(B, 0)) @ (base[A] + delta.get(A, 0))
 
     reference = merged((0, 1, 2))
@@ -205,10 +379,15 @@ def test_client_order_is_irrelevant_and_one_client_gives_its_update(name: str, r
         assert torch.allclose(
             product(out, global_state), product(reference, global_state), atol=1e-4
         )
-        if name != "flexlora":  # factor by factor, too, where the rule is per factor
-            assert all(torch.allclose(out[k], reference[k], atol=1e-6) for k in reference)
-    assert set(reference) == set(global_state)
+        if name not in ("flexlora", "flora"):  # factor by factor where the rule is per factor
+            assert all(torch.allclose(out[k], reference[k], atol=1e-5) for k in global_state)
+    assert set(reference) - {k for k in reference if k.startswith(RESIDUAL)} == set(global_state)
     alone = merged((0,))  # one full-rank client in -> its update out
+    if strategy.residual:  # the merged model is that client's model
+        trained = {k: views[0][k] + deltas[0][k] for k in views[0]}
+        client_model = _effective(strategy, global_state, 4, trained)
+        assert torch.allclose(product(alone, global_state), client_model, atol=1e-4)
+        return
     if name == "flexlora":  # the rule re-factorises the product: compare B·A
         assert torch.allclose(product(alone, global_state), product(deltas[0], views[0]), atol=1e-4)
         return
@@ -244,9 +423,52 @@ def test_mixed_rank_federation_writes_adapters_peft_loads_at_each_rank(
         model = PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(base), out / "round-002" / sub
         )
+        if strategies.build(cfg).residual:  # residual folded in: r = lora_alpha = its width
+            loaded = model.peft_config["default"]
+            assert loaded.r > rank and loaded.lora_alpha == loaded.r
+            continue
         assert model.peft_config["default"].r == rank
         # lora_alpha scales with the rank so that alpha / r (peft's scale) is the same everywhere
         assert model.peft_config["default"].lora_alpha / rank == cfg.lora.lora_alpha / cfg.lora.r
+
+
+@pytest.mark.parametrize("name", ["flora", "fedex_lora"])
+def test_exact_rule_round_adapters_reproduce_the_global_model_for_peft(
+    name: str, cache_dir: Path, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fedllama import model as model_lib
+
+    out = tmp_path / "run"
+    cfg = tiny_config(cache_dir, out, f"strategy.name={name}", "lora.client_ranks=[2,4]")
+    rows = run(InProcessGrid(2), cfg)
+    strategy = strategies.build(cfg)
+    global_state = load_file(str(out / "round-002" / "server_state.safetensors"))
+    assert any(k.startswith(RESIDUAL) for k in global_state), "the residual is saved"
+    assert rows[2]["eval_loss"] < rows[0]["eval_loss"]
+    tokens = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    base = model_lib.resolve_base_dir(cfg.model)
+
+    for rank, sub in ((4, ""), (2, "rank-02")):
+        peft_model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base), out / "round-002" / sub
+        )
+        ours, _ = model_lib.get_lora_model(replace(cfg, lora=cfg.lora.at_rank(rank)))
+        model_lib.set_residual(ours, residual_view(strategy, global_state, rank), cfg)
+        adapters.set_adapter_state(ours, strategy.client_view(global_state, rank))
+
+        with torch.no_grad():
+            expected = ours(input_ids=tokens).logits
+            got = peft_model(input_ids=tokens).logits
+        assert torch.allclose(got, expected, atol=1e-4), f"rank {rank}"
+        model_lib.set_residual(ours, {}, cfg)
+        with torch.no_grad():
+            assert not torch.allclose(ours(input_ids=tokens).logits, expected, atol=1e-4)
 
 
 def test_fedavg_with_mixed_client_ranks_is_refused_before_the_run() -> None:
