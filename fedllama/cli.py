@@ -3,6 +3,8 @@
     fedllama simulate CONFIG [key=value ...]   run a federation on Flower's simulation engine
     fedllama prepare  CONFIG [key=value ...]   build the cached base model and demo data only
     fedllama check    CONFIG [key=value ...]   validate a config and print it resolved
+    fedllama credentials create|node-key ...   CA, SuperLink certificate, SuperNode keys
+    fedllama deploy superlink|supernode|register ...   start a deployment over gRPC (TLS + auth)
 
 The apps are loaded by the component references that ``pyproject.toml`` declares for
 ``flwr run`` (``server.app:app``, ``clients.app:app``), so both paths run the same code.
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllama import config as config_lib
-from fedllama import setup_logging
+from fedllama import deploy, setup_logging
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "clients.app:app"
@@ -113,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML config, e.g. simulations/configs/demo.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. server.rounds=2")
+    deploy.add_commands(sub)  # these take no fedllama config
     args = parser.parse_args(argv)
     setup_logging()
+    if args.command in deploy.COMMANDS:
+        return deploy.run_command(args)
     try:
         cfg = _load_checked(args)
     except (config_lib.ConfigError, ValueError) as err:
