@@ -74,7 +74,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 def comparison_table(runs: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown table: global eval loss per round and its change, the clients' own eval loss
-    after the last round, upload per client per round, seconds per round."""
+    after the last round, upload and download per client per round, seconds per round."""
     rounds = max((len(rows) for rows in runs.values()), default=0)
     header = [
         "strategy",
@@ -82,6 +82,7 @@ def comparison_table(runs: dict[str, list[dict[str, Any]]]) -> str:
         "Δ eval",
         "client eval (last)",
         "MB up/client/round",
+        "MB down/client/round",
         "s/round",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -94,10 +95,12 @@ def comparison_table(runs: dict[str, list[dict[str, Any]]]) -> str:
         change = f"{final - first:+.4f}" if first is not None and final is not None else "-"
         n = max(len(trained), 1)
         up = sum(r["bytes_up"] / max(r.get("clients_ok", 1), 1) for r in trained) / n / 1e6
+        sent_to = [max(r.get("clients_ok", 1) + r.get("clients_dropped", 0), 1) for r in trained]
+        down = sum(r["bytes_down"] / m for r, m in zip(trained, sent_to, strict=True)) / n / 1e6
         secs = sum(r["seconds"] for r in trained) / n
         client_eval = trained[-1].get("client_eval_loss") if trained else None
         client = f"{client_eval:.4f}" if _finite(client_eval) else "-"
-        row = [*cells, change, client, f"{up:.2f}", f"{secs:.0f}"]
+        row = [*cells, change, client, f"{up:.2f}", f"{down:.2f}", f"{secs:.0f}"]
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -24,7 +24,8 @@ def main() -> int:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument(
-        "--strategies", default="zero_pad,rank_aware,hetlora,ffa_lora,rolora,fedsa_lora,flexlora"
+        "--strategies",
+        default="zero_pad,rank_aware,hetlora,ffa_lora,rolora,fedsa_lora,flexlora,flora,fedex_lora",
     )
     parser.add_argument("--out", default="runs/compare")
     args = parser.parse_args()

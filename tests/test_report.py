@@ -25,8 +25,9 @@ def test_comparison_table_has_a_row_per_strategy_with_means() -> None:
     lines = table.splitlines()
     assert lines[0].startswith("| strategy | eval r0 | eval r1 | eval r2 | Δ eval | client eval")
     # MB up per client: round 1 4 MB / 2 clients, round 2 2 MB / 1 client -> mean 2.00
-    assert lines[2] == "| a | 3.0000 | 2.5000 | 2.0000 | -1.0000 | 1.9000 | 2.00 | 15 |"
-    assert lines[3] == "| b | 3.0000 | 2.5000 | - | -0.5000 | 2.6000 | 2.00 | 10 |"
+    # MB down per client: round 1 4 MB / 2 clients, round 2 4 MB / 1 client -> mean 3.00
+    assert lines[2] == "| a | 3.0000 | 2.5000 | 2.0000 | -1.0000 | 1.9000 | 2.00 | 3.00 | 15 |"
+    assert lines[3] == "| b | 3.0000 | 2.5000 | - | -0.5000 | 2.6000 | 2.00 | 2.00 | 10 |"
 
 
 def test_plots_are_written(tmp_path: Path) -> None:

@@ -44,7 +44,17 @@ def test_simulate_runs_rounds_and_writes_peft_adapters(cache_dir: Path, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "strategy",
-    ["zero_pad", "rank_aware", "hetlora", "ffa_lora", "rolora", "fedsa_lora", "flexlora"],
+    [
+        "zero_pad",
+        "rank_aware",
+        "hetlora",
+        "ffa_lora",
+        "rolora",
+        "fedsa_lora",
+        "flexlora",
+        "flora",
+        "fedex_lora",
+    ],
 )
 def test_simulate_with_mixed_ranks_per_strategy(
     strategy: str, cache_dir: Path, tmp_path: Path
