@@ -267,6 +267,52 @@ class ServerConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation (SecAgg+, Bell et al., CCS 2020): the server learns only the sum."""
+
+    enabled: bool = False
+    threshold: float = 0.6
+    """Share of a node's k + 1 shares (its neighbours and itself) that rebuild one of its
+    secrets: t = max(2, ⌈threshold·(k + 1)⌉). Above 0.5, so no two disjoint sets of neighbours
+    can each rebuild a secret; each neighbourhood tolerates k + 1 - t dropouts."""
+    num_neighbours: int = 0
+    """k, neighbours per node in the random ring; 0 = 2·⌈log2 N⌉. Rounded up to even, capped at
+    N - 1 (then every node neighbours every other, as in SecAgg)."""
+    clip_range: float = 1.0e6
+    """C: encoded values are clipped to [-C, C] (and counted) before fixed-point encoding.
+    Encodings carry weights (example counts) and weighted deltas, so C must exceed both."""
+    quantization_bits: int = 48
+    """Fixed-point bits per value, sign included: step C / (2^(bits-1) - 1); the 64-bit sum
+    holds up to ≈ 2^(64-bits) clients."""
+    timeout_s: float = 600.0
+    """How long each key/share/unmask stage waits for replies (training waits server.timeout_s)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            0.5 < self.threshold <= 1.0,
+            "secagg.threshold",
+            f"must be in (0.5, 1], got {self.threshold}",
+        )
+        _require(
+            self.num_neighbours >= 0,
+            "secagg.num_neighbours",
+            f"must be >= 0 (0 = 2·ceil(log2 N)), got {self.num_neighbours}",
+        )
+        _require(self.clip_range > 0, "secagg.clip_range", f"must be > 0, got {self.clip_range}")
+        _require(
+            16 <= self.quantization_bits <= 53,
+            "secagg.quantization_bits",
+            f"must be in 16..53 (float64 holds 53-bit integers), got {self.quantization_bits}",
+        )
+        _require(self.timeout_s > 0, "secagg.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+    @property
+    def max_clients(self) -> int:
+        """Most clients whose fixed-point sum fits in 64 bits."""
+        return ((1 << 63) - 1) // ((1 << (self.quantization_bits - 1)) - 1)
+
+
+@dataclass
 class SimulationConfig:
     """Flower simulation engine (Ray) settings."""
 
@@ -311,6 +357,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
@@ -327,6 +374,20 @@ class Config:
             f"is {self.server.min_replies}, more than simulation.num_clients="
             f"{self.simulation.num_clients}",
         )
+        if self.secagg.enabled:
+            _require(
+                self.simulation.num_clients >= 2,
+                "secagg.enabled",
+                "needs at least 2 clients (the sum of one client's update is that update), got "
+                f"simulation.num_clients={self.simulation.num_clients}",
+            )
+            _require(
+                self.simulation.num_clients <= self.secagg.max_clients,
+                "secagg.quantization_bits",
+                f"is {self.secagg.quantization_bits}: the 64-bit sum holds at most "
+                f"{self.secagg.max_clients} clients, simulation.num_clients is "
+                f"{self.simulation.num_clients}",
+            )
 
 
 def _explain(err: OmegaConfBaseException) -> str:

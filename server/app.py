@@ -31,6 +31,16 @@ app = ServerApp()
 def check(cfg: Config) -> None:
     """Checks that need the strategy registry (run before any model or data is loaded)."""
     strategy = strategies.build(cfg)
+    if cfg.secagg.enabled and not strategy.summable:
+        name = strategy.name
+        if name == "flexlora":
+            name += f" (strategy.flexlora_form={cfg.strategy.flexlora_form}; dense is summable)"
+        able = [n for n, build in sorted(strategies.REGISTRY.items()) if build(cfg).summable]
+        raise config_lib.ConfigError(
+            f"secagg.enabled: strategy {name} is a trusted-server rule: it needs each client's "
+            "own encoding (summable = False), and secure aggregation shows the server only "
+            f"their sum; use a summable strategy ({', '.join(able)}) or secagg.enabled=false"
+        )
     mixed = sorted(set(cfg.lora.client_ranks) - {cfg.lora.r})
     if mixed and not strategy.mixed_ranks:
         able = [n for n, build in sorted(strategies.REGISTRY.items()) if build(cfg).mixed_ranks]
