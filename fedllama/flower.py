@@ -124,6 +124,19 @@ def validate_reply(content: RecordDict, spec: ReplySpec) -> ValidReply:
         if not np.isfinite(values).all():
             raise ReplyError(f"{key}: contains NaN or Inf")
         tensors[key] = torch.from_numpy(np.array(values, copy=True))
+    num_examples, train_loss = check_metrics(metrics)
+    return ValidReply(tensors, num_examples, train_loss, dict(metrics))
+
+
+def check_metrics(metrics: MetricRecord | None) -> tuple[float, float]:
+    """(num-examples, train-loss) of a train reply's metrics (plain or masked).
+
+    Raises:
+        ReplyError: the MetricRecord is missing, or either metric is not a finite number (or
+            num-examples is not > 0). The message names the metric.
+    """
+    if metrics is None:
+        raise ReplyError(f"no MetricRecord {METRICS!r} in the reply")
     numbers = {}
     for key in (NUM_EXAMPLES, TRAIN_LOSS):
         value = metrics.get(key)
@@ -132,7 +145,7 @@ def validate_reply(content: RecordDict, spec: ReplySpec) -> ValidReply:
         numbers[key] = float(value)
     if numbers[NUM_EXAMPLES] <= 0:
         raise ReplyError(f"metric {NUM_EXAMPLES!r} is {numbers[NUM_EXAMPLES]}, expected > 0")
-    return ValidReply(tensors, numbers[NUM_EXAMPLES], numbers[TRAIN_LOSS], dict(metrics))
+    return numbers[NUM_EXAMPLES], numbers[TRAIN_LOSS]
 
 
 SUPERLINK_NODE_ID = 1
