@@ -10,7 +10,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 import strategies
-from fedllama import setup_logging
+from fedllama import secagg, setup_logging
 from fedllama.client import NodeSettings, client_state_path, load_split, run_round
 from fedllama.config import from_yaml
 from fedllama.flower import ARRAYS, CONFIG, CONFIG_YAML, METRICS, ROUND, from_record, to_record
@@ -48,3 +48,30 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({ARRAYS: to_record(result.encoded), METRICS: metrics})
     return Message(content=content, reply_to=msg)
 
+
+# Secure aggregation (fedllama.secagg): one handler per SecAgg+ stage; the round's secrets
+# live in context.state between them.
+
+
+@app.train(secagg.ACTIONS["setup"])
+def secagg_setup(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 1: fresh key pairs for the round."""
+    return secagg.client_setup(msg, context)
+
+
+@app.train(secagg.ACTIONS["share"])
+def secagg_share(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 2: Shamir shares of this node's secrets, encrypted per neighbour."""
+    return secagg.client_share(msg, context)
+
+
+@app.train(secagg.ACTIONS["mask"])
+def secagg_mask(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 3: train exactly as :func:`train`, reply with the masked encoding."""
+    return secagg.client_mask(msg, context, lambda: train(msg, context))
+
+
+@app.train(secagg.ACTIONS["unmask"])
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 4: shares for the server to remove the masks of the sum."""
+    return secagg.client_unmask(msg, context)

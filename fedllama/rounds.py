@@ -16,7 +16,7 @@ from typing import Any, cast
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedllama import adapters, checkpoint, data, model, report, train
+from fedllama import adapters, checkpoint, data, model, report, secagg, train
 from fedllama.adapters import AdapterState
 from fedllama.config import Config, to_yaml
 from fedllama.flower import FedLlamaStrategy, stream_replies
@@ -208,9 +208,21 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, 
             "round %d/%d: training on %d clients", server_round, cfg.server.rounds, len(messages)
         )
         strategy.on_reply = _log_reply(server_round, len(messages))
-        replies = stream_replies(grid, messages, cfg.server.timeout_s)
-        strategy.aggregate_train(server_round, replies)
-        rep = strategy.report
+        figures: dict[str, Any] | None = None
+        if cfg.secagg.enabled:  # same messages and decode, but the server only sees the sum
+            try:
+                rep, figures = secagg.run_round(
+                    grid, strategy, messages, cfg.secagg, server_round, cfg.server.timeout_s
+                )
+            except secagg.SecAggAbort as err:
+                raise RoundFailed(
+                    f"round {server_round}: secure aggregation failed: {err}; the global "
+                    f"adapter stays at round {server_round - 1} in {out}"
+                ) from None
+        else:
+            replies = stream_replies(grid, messages, cfg.server.timeout_s)
+            strategy.aggregate_train(server_round, replies)
+            rep = strategy.report
         if rep.ok < cfg.server.min_replies or rep.delta is None:
             raise RoundFailed(
                 f"round {server_round}: {rep.ok} good replies ({rep.dropped} dropped, "
@@ -228,7 +240,7 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, 
             base_dir,
             round_adapters(cfg, merge, global_state),
         )
-        row = {
+        row: dict[str, Any] = {
             "round": server_round,
             "eval_loss": eval_loss,
             "train_loss": rep.train_loss,
@@ -240,6 +252,8 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[dict[str, 
             "clients_dropped": rep.dropped,
             "clients": rep.clients,
         }
+        if figures is not None:
+            row["secagg"] = figures
         checkpoint.append_metrics(out, row)
         log.info(
             "round %d/%d done in %.1f s: eval_loss %.4f, train_loss %.4f, %d ok, %d dropped",

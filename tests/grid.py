@@ -1,7 +1,9 @@
-"""An in-process stand-in for Flower's Grid: runs the real ClientApp function on push.
+"""An in-process stand-in for Flower's Grid: runs the real ClientApp on push.
 
 It exercises the real ServerApp loop and ClientApp code without Ray or a SuperLink, the way
-Flower's own strategy tests fake replies instead of starting a network.
+Flower's own strategy tests fake replies instead of starting a network. Messages are routed by
+their type (``train``, ``train.secagg_setup``, ...) as a SuperNode routes them, and each node
+keeps one ``Context`` whose ``state`` persists across messages, as a SuperNode keeps it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class InProcessGrid:
         self.tamper = tamper
         self.node_config = node_config or {}
         self.replies: dict[str, Message] = {}
+        self.contexts: dict[int, Context] = {}
         self.trained: list[tuple[int, int]] = []  # (round, partition id)
         self._next = 0
         TaskIdentity.run_id = 1
@@ -50,22 +53,28 @@ class InProcessGrid:
             msg.metadata.__dict__["_message_id"] = msg_id
             node = msg.metadata.dst_node_id
             pid = self.node_ids.index(node)
-            context = Context(
-                run_id=1,
-                node_id=node,
-                node_config={
-                    "partition-id": pid,
-                    "num-partitions": len(self.node_ids),
-                    **self.node_config.get(pid, {}),
-                },
-                state=RecordDict(),
-                run_config={},
+            context = self.contexts.setdefault(
+                node,
+                Context(
+                    run_id=1,
+                    node_id=node,
+                    node_config={
+                        "partition-id": pid,
+                        "num-partitions": len(self.node_ids),
+                        **self.node_config.get(pid, {}),
+                    },
+                    state=RecordDict(),
+                    run_config={},
+                ),
             )
             try:
-                reply = clients.app.train(msg, context)
+                reply = clients.app.app(msg, context)
             except Exception as err:  # a SuperNode turns a ClientApp exception into this
                 reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-            self.trained.append((int(msg.content.config_records["config"]["server-round"]), pid))
+            if "config" in msg.content.config_records:  # a message that trains
+                self.trained.append(
+                    (int(msg.content.config_records["config"]["server-round"]), pid)
+                )
             if self.tamper is not None:
                 reply = self.tamper(pid, reply)
             if reply is not None:
