@@ -29,6 +29,9 @@ from fedllama.config import Config
 from fedllama.merge import RESIDUAL, MergeError, split_residual
 from strategies._rank import SendsFactors, check_view_rank, client_weights, lora_pairs
 
+Factors = tuple[torch.Tensor, torch.Tensor]
+"""One module's (A: (r, in), B: (out, r))."""
+
 
 class ResidualExact(SendsFactors):
     """Trusted-server rule whose merged global model equals Σ_k p_k (each client's model)."""
@@ -63,19 +66,15 @@ class ResidualExact(SendsFactors):
         return out
 
     def next_adapter(
-        self,
-        trained: list[tuple[torch.Tensor, torch.Tensor]],
-        shares: list[float],
-        current: tuple[torch.Tensor, torch.Tensor],
-        generator: torch.Generator,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, trained: list[Factors], shares: list[float], current: Factors, rng: torch.Generator
+    ) -> Factors:
         """The next round's trainable (A', B') of one module at the global rank.
 
         Args:
             trained: each client's (A_k (R, in), B_k (out, R)), zero-padded to the global rank.
             shares: p_k.
             current: the global (A, B) the round started from.
-            generator: seeded by the round, for rules that re-initialise.
+            rng: seeded by the round, for rules that re-initialise.
         """
         raise NotImplementedError
 

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from strategies._residual import ResidualExact
+from strategies._residual import Factors, ResidualExact
 
 
 class FedExLoRA(ResidualExact):
@@ -28,12 +28,8 @@ class FedExLoRA(ResidualExact):
     name: ClassVar[str] = "fedex_lora"
 
     def next_adapter(
-        self,
-        trained: list[tuple[torch.Tensor, torch.Tensor]],
-        shares: list[float],
-        current: tuple[torch.Tensor, torch.Tensor],
-        generator: torch.Generator,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, trained: list[Factors], shares: list[float], current: Factors, rng: torch.Generator
+    ) -> Factors:
         """FedIT's averages of the padded factors."""
         mean_a = sum(p * a_k for (a_k, _), p in zip(trained, shares, strict=True))
         mean_b = sum(p * b_k for (_, b_k), p in zip(trained, shares, strict=True))

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from strategies._residual import ResidualExact
+from strategies._residual import Factors, ResidualExact
 
 
 class FLoRA(ResidualExact):
@@ -27,14 +27,10 @@ class FLoRA(ResidualExact):
     name: ClassVar[str] = "flora"
 
     def next_adapter(
-        self,
-        trained: list[tuple[torch.Tensor, torch.Tensor]],
-        shares: list[float],
-        current: tuple[torch.Tensor, torch.Tensor],
-        generator: torch.Generator,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, trained: list[Factors], shares: list[float], current: Factors, rng: torch.Generator
+    ) -> Factors:
         """A fresh peft-style init: A ~ U(-1/√in, 1/√in), B = 0."""
         a, b = current
         bound = 1.0 / a.shape[1] ** 0.5
-        fresh = (torch.rand(a.shape, generator=generator) * 2 - 1) * bound
+        fresh = (torch.rand(a.shape, generator=rng) * 2 - 1) * bound
         return fresh, torch.zeros_like(b)
