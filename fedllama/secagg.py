@@ -55,7 +55,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,7 +113,7 @@ F64 = npt.NDArray[np.float64]
 CURVE = ec.SECP384R1()
 SEED_BYTES = 32
 SCALAR_BYTES = 48  # a SECP384R1 private scalar
-CHUNK = 1 << 20  # elements per PRG/quantization chunk: 8 MiB of uint64, bounded memory
+CHUNK = 1 << 18  # elements per PRG/quantization chunk: 2 MiB of uint64, bounded memory
 
 SECAGG = "secagg"
 """ConfigRecord key of the protocol fields, in both directions."""
@@ -200,13 +200,17 @@ def pair_mask_key(private: ec.EllipticCurvePrivateKey, public: ec.EllipticCurveP
 def add_prg(target: U64, key: bytes, sign: int) -> None:
     """``target += sign · PRG(key)`` mod 2^64, in place, PRG = AES-256-CTR keystream as uint64.
 
-    The keystream is generated in chunks so memory stays at one chunk beyond ``target``.
+    The keystream is written chunk by chunk into one reused buffer, so memory stays at one
+    chunk beyond ``target`` and nothing is allocated per chunk.
     """
     encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    zeros = bytes(min(CHUNK, target.shape[0]) * 8)
-    for start in range(0, target.shape[0], CHUNK):
-        stop = min(start + CHUNK, target.shape[0])
-        stream = np.frombuffer(encryptor.update(zeros[: (stop - start) * 8]), dtype="<u8")
+    chunk = min(CHUNK, target.shape[0])
+    zeros = memoryview(bytes(chunk * 8))
+    buffer = bytearray(chunk * 8 + 16)  # update_into wants room for a block more
+    for start in range(0, target.shape[0], chunk):
+        stop = min(start + chunk, target.shape[0])
+        encryptor.update_into(zeros[: (stop - start) * 8], buffer)
+        stream = np.frombuffer(buffer, dtype="<u8", count=stop - start)
         if sign > 0:
             target[start:stop] += stream
         else:
@@ -938,6 +942,80 @@ def _combine(shares: list[bytes], ok: Callable[[bytes], bool]) -> bytes | None:
     return secret if ok(secret) else None
 
 
+# Message fields of each stage, one builder per direction (the glue and the in-process
+# driver both use them, so the driver counts the bytes the glue sends)
+
+
+def setup_request(params: Params) -> dict[str, Any]:
+    """Server → client, stage 1."""
+    return params.to_record()
+
+
+def keys_reply(pk_enc: bytes, pk_mask: bytes) -> dict[str, Any]:
+    """Client → server, stage 1."""
+    return {"pk-enc": pk_enc, "pk-mask": pk_mask}
+
+
+def share_request(server_round: int, keys: Mapping[int, tuple[bytes, bytes]]) -> dict[str, Any]:
+    """Server → client, stage 2: the neighbourhood's public keys."""
+    return {
+        "round": server_round,
+        "key-ids": list(keys),
+        "pk-enc": [k[0] for k in keys.values()],
+        "pk-mask": [k[1] for k in keys.values()],
+    }
+
+
+def shares_reply(ciphertexts: Mapping[int, bytes], commitment: bytes) -> dict[str, Any]:
+    """Client → server, stage 2."""
+    return {
+        "dst": list(ciphertexts),
+        "ciphertexts": list(ciphertexts.values()),
+        "commitment": commitment,
+    }
+
+
+def mask_request(
+    server_round: int, ciphertexts: Mapping[int, bytes], layout: bytes
+) -> dict[str, Any]:
+    """Server → client, stage 3 (sent with the global state and train config)."""
+    return {
+        "round": server_round,
+        "src": list(ciphertexts),
+        "ciphertexts": list(ciphertexts.values()),
+        "layout": layout,
+    }
+
+
+def unmask_request(server_round: int, survived: list[int], dropped: list[int]) -> dict[str, Any]:
+    """Server → client, stage 4."""
+    return {"round": server_round, "survived": survived, "dropped": dropped}
+
+
+def unmask_reply(seeds: Mapping[int, bytes], keys: Mapping[int, bytes]) -> dict[str, Any]:
+    """Client → server, stage 4."""
+    return {
+        "seed-owners": list(seeds),
+        "seed-shares": list(seeds.values()),
+        "key-owners": list(keys),
+        "key-shares": list(keys.values()),
+    }
+
+
+def fields_bytes(fields: Mapping[str, Any]) -> int:
+    """Payload bytes of record fields: bytes and strings by length, 8 per number."""
+    total = 0
+    for value in fields.values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bytes):
+                total += len(item)
+            elif isinstance(item, str):
+                total += len(item.encode())
+            else:
+                total += 8
+    return total
+
+
 @dataclass
 class LocalRound:
     """What :func:`aggregate_locally` returns: the sum and everything the server saw."""
@@ -946,8 +1024,14 @@ class LocalRound:
     server: SecAggServer
     masked: dict[int, U64]
     """Each node's masked vector as the server received it."""
-    seconds: dict[str, float]
-    """Time per stage, clients' and server's work together."""
+    client_seconds: dict[str, dict[int, float]]
+    """Stage → node → that client's compute time in the stage."""
+    server_seconds: dict[str, float]
+    """Stage → the server's compute time (for "unmask", rebuilding and unmasking the sum)."""
+    bytes_down: dict[str, int]
+    """Stage → protocol payload bytes sent to clients (without the mask stage's global state)."""
+    bytes_up: dict[str, int]
+    """Stage → payload bytes clients sent (the mask stage: the masked vectors)."""
 
 
 def aggregate_locally(
@@ -960,40 +1044,83 @@ def aggregate_locally(
     """Run every stage in one process, without Flower messaging (tests and benchmarks).
 
     ``vectors`` maps node ids to flattened encodings; ``drop[node] = stage`` makes that node
-    vanish instead of replying in that stage ("setup", "share", "mask" or "unmask").
+    vanish instead of replying in that stage ("setup", "share", "mask" or "unmask"). Client and
+    server work are timed apart, and message fields are counted as the glue would send them.
     """
     drop = drop or {}
     length = next(iter(vectors.values())).shape[0]
     extra = {} if rng is None else {"rng": rng}
+    clock = time.perf_counter
+    t0 = clock()
     server = SecAggServer(sorted(vectors), cfg, server_round, length, **extra)
     clients: dict[int, SecAggClient] = {}
     masked: dict[int, U64] = {}
-    seconds: dict[str, float] = {}
+    client_s: dict[str, dict[int, float]] = {stage: {} for stage in STAGES}
+    server_s = {stage: 0.0 for stage in STAGES}
+    down = dict.fromkeys(STAGES, 0)
+    up = dict.fromkeys(STAGES, 0)
 
-    def answers(stage: str, nodes: Iterable[int]) -> list[int]:
-        return [n for n in nodes if drop.get(n) != stage]
+    def serve(stage: str, started: float) -> None:
+        server_s[stage] += clock() - started
 
-    t0 = time.perf_counter()
-    for node in answers("setup", server.setup_requests()):
-        clients[node], keys = SecAggClient.setup(node, server.params)
-        server.add_keys(node, *keys)
-    seconds["setup"], t0 = time.perf_counter() - t0, time.perf_counter()
-    requests = server.share_requests()
-    for node in answers("share", requests):
-        server.add_shares(node, *clients[node].share(requests[node]))
-    seconds["share"], t0 = time.perf_counter() - t0, time.perf_counter()
+    def answering(stage: str, requests: Mapping[int, dict[str, Any]]) -> list[int]:
+        down[stage] += sum(fields_bytes(f) for f in requests.values())
+        return [n for n in requests if drop.get(n) != stage]
+
+    requests = {n: setup_request(p) for n, p in server.setup_requests().items()}
+    serve("setup", t0)
+    for node in answering("setup", requests):
+        t = clock()
+        clients[node], public = SecAggClient.setup(node, server.params)
+        client_s["setup"][node] = clock() - t
+        up["setup"] += fields_bytes(keys_reply(*public))
+        t = clock()
+        server.add_keys(node, *public)
+        serve("setup", t)
+
+    t = clock()
+    keys_by_node = server.share_requests()
+    serve("share", t)
+    requests = {n: share_request(server_round, k) for n, k in keys_by_node.items()}
+    for node in answering("share", requests):
+        t = clock()
+        ciphertexts, commitment = clients[node].share(keys_by_node[node])
+        client_s["share"][node] = clock() - t
+        up["share"] += fields_bytes(shares_reply(ciphertexts, commitment))
+        t = clock()
+        server.add_shares(node, ciphertexts, commitment)
+        serve("share", t)
+
+    t = clock()
     routed = server.mask_requests()
-    for node in answers("mask", routed):
+    serve("mask", t)
+    requests = {n: mask_request(server_round, c, bytes(32)) for n, c in routed.items()}
+    for node in answering("mask", requests):
+        t = clock()
         clients[node].receive(routed[node])
         masked[node], _ = clients[node].mask(vectors[node])
+        client_s["mask"][node] = clock() - t
+        up["mask"] += masked[node].nbytes
+        t = clock()
         server.add_masked(node, masked[node])
-    seconds["mask"], t0 = time.perf_counter() - t0, time.perf_counter()
+        serve("mask", t)
+
+    t = clock()
     asks = server.unmask_requests()
-    for node in answers("unmask", asks):
-        server.add_unmask(node, *clients[node].unmask(*asks[node]))
+    serve("unmask", t)
+    requests = {n: unmask_request(server_round, *a) for n, a in asks.items()}
+    for node in answering("unmask", requests):
+        t = clock()
+        seeds, keys = clients[node].unmask(*asks[node])
+        client_s["unmask"][node] = clock() - t
+        up["unmask"] += fields_bytes(unmask_reply(seeds, keys))
+        t = clock()
+        server.add_unmask(node, seeds, keys)
+        serve("unmask", t)
+    t = clock()
     total = server.finish()
-    seconds["unmask"] = time.perf_counter() - t0
-    return LocalRound(total, server, masked, seconds)
+    serve("unmask", t)
+    return LocalRound(total, server, masked, client_s, server_s, down, up)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1079,7 +1206,7 @@ def client_setup(msg: Message, context: Context) -> Message:
     params = Params.from_record(_request(msg))
     client, (pk_enc, pk_mask) = SecAggClient.setup(msg.metadata.dst_node_id, params)
     _store(context, client)
-    return _reply(msg, {"pk-enc": pk_enc, "pk-mask": pk_mask})
+    return _reply(msg, keys_reply(pk_enc, pk_mask))
 
 
 def client_share(msg: Message, context: Context) -> Message:
@@ -1090,14 +1217,7 @@ def client_share(msg: Message, context: Context) -> Message:
     enc, mask = _pairs(rec, "key-ids", "pk-enc"), _pairs(rec, "key-ids", "pk-mask")
     ciphertexts, commitment = client.share({n: (enc[n], mask[n]) for n in enc})
     _store(context, client)
-    return _reply(
-        msg,
-        {
-            "dst": list(ciphertexts),
-            "ciphertexts": list(ciphertexts.values()),
-            "commitment": commitment,
-        },
-    )
+    return _reply(msg, shares_reply(ciphertexts, commitment))
 
 
 def client_mask(msg: Message, context: Context, train: Callable[[], Message]) -> Message:
@@ -1147,15 +1267,7 @@ def client_unmask(msg: Message, context: Context) -> Message:
         seeds, keys = client.unmask(_ids(rec, "survived"), _ids(rec, "dropped"))
     finally:
         del context.state.config_records[STATE]  # answered or refused: never asked twice
-    return _reply(
-        msg,
-        {
-            "seed-owners": list(seeds),
-            "seed-shares": list(seeds.values()),
-            "key-owners": list(keys),
-            "key-shares": list(keys.values()),
-        },
-    )
+    return _reply(msg, unmask_reply(seeds, keys))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1166,17 +1278,8 @@ def client_unmask(msg: Message, context: Context) -> Message:
 def content_bytes(content: RecordDict) -> int:
     """Payload bytes of a message's records (arrays, bytes, strings; 8 per number)."""
     total = sum(record_bytes(r) for r in content.array_records.values())
-    values: list[Any] = [v for r in content.config_records.values() for v in r.values()]
-    values += [v for r in content.metric_records.values() for v in r.values()]
-    for value in values:
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, bytes):
-                total += len(item)
-            elif isinstance(item, str):
-                total += len(item.encode())
-            else:
-                total += 8
-    return total
+    total += sum(fields_bytes(r) for r in content.config_records.values())
+    return total + sum(fields_bytes(r) for r in content.metric_records.values())
 
 
 @dataclass
@@ -1278,7 +1381,7 @@ def run_round(
             yield node, rec
 
     # stage 1: advertise keys
-    setup = {n: p.to_record() for n, p in server.setup_requests().items()}
+    setup = {n: setup_request(p) for n, p in server.setup_requests().items()}
     for node, rec in ask("setup", setup, cfg.timeout_s):
         try:
             server.add_keys(node, _field(rec, "pk-enc", bytes), _field(rec, "pk-mask", bytes))
@@ -1286,15 +1389,7 @@ def run_round(
             server.drop(node, str(err))
 
     # stage 2: share keys
-    share = {
-        n: {
-            "round": server_round,
-            "key-ids": list(keys),
-            "pk-enc": [k[0] for k in keys.values()],
-            "pk-mask": [k[1] for k in keys.values()],
-        }
-        for n, keys in server.share_requests().items()
-    }
+    share = {n: share_request(server_round, k) for n, k in server.share_requests().items()}
     for node, rec in ask("share", share, cfg.timeout_s):
         try:
             ciphertexts = _pairs(rec, "dst", "ciphertexts")
@@ -1312,14 +1407,7 @@ def run_round(
             {
                 ARRAYS: plain.array_records[ARRAYS],
                 CONFIG: plain.config_records[CONFIG],
-                SECAGG: ConfigRecord(
-                    {
-                        "round": server_round,
-                        "src": list(ciphertexts),
-                        "ciphertexts": list(ciphertexts.values()),
-                        "layout": layout.digest(),
-                    }
-                ),
+                SECAGG: ConfigRecord(mask_request(server_round, ciphertexts, layout.digest())),
             }
         )
     report.bytes_down = sum(record_bytes(c.array_records[ARRAYS]) for c in contents.values())
@@ -1351,10 +1439,7 @@ def run_round(
             strategy.on_reply(summary)
 
     # stage 4: unmask
-    unmask = {
-        n: {"round": server_round, "survived": survived, "dropped": dropped}
-        for n, (survived, dropped) in server.unmask_requests().items()
-    }
+    unmask = {n: unmask_request(server_round, *a) for n, a in server.unmask_requests().items()}
     for node, rec in ask("unmask", unmask, cfg.timeout_s):
         try:
             server.add_unmask(

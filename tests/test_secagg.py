@@ -367,14 +367,15 @@ def test_threshold_is_the_ceiling_of_the_fraction_and_at_least_two(
     assert secagg.threshold_count(fraction, shares) == t  # 0.6·5 is 3.0000000000000004 in floats
 
 
-def test_masks_are_an_aes_ctr_keystream() -> None:
+def test_masks_are_one_aes_ctr_keystream_across_chunks() -> None:
     key = bytes(range(32))
+    n = 2 * secagg.CHUNK + 5  # generated in three chunks
 
-    stream = secagg.prg(key, 4)
+    stream = secagg.prg(key, n)
 
-    zeros = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(32))
-    assert stream.tolist() == np.frombuffer(zeros, "<u8").tolist()
-    assert secagg.prg(bytes(32), 4).tolist() != stream.tolist()
+    zeros = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(8 * n))
+    assert np.array_equal(stream, np.frombuffer(zeros, "<u8"))
+    assert not np.array_equal(secagg.prg(bytes(32), n), stream)
 
 
 def test_client_state_survives_a_round_trip_through_flowers_config_record() -> None:
