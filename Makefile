@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast lint typecheck bench bench-strategies clean
+.PHONY: setup demo test test-fast lint typecheck bench bench-strategies bench-secagg clean
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) scripts/setup.sh
@@ -34,6 +34,10 @@ bench: setup
 bench-strategies: setup
 	$(BIN)/python bench/flexlora.py
 	$(BIN)/python bench/memory.py
+
+# Secure aggregation (SecAgg+) against the plain path: protocol at 5-50 clients, tiny round.
+bench-secagg: setup
+	$(BIN)/python bench/secagg.py
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
