@@ -174,6 +174,12 @@ def flwr_home() -> Path:
     return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser()
 
 
+def default_database() -> Path:
+    """Where the SuperLink keeps its state unless told otherwise: registered keys and runs
+    survive a restart (in memory, every key would have to be registered again)."""
+    return flwr_home() / "superlink" / "state.db"
+
+
 def write_connection(
     name: str, address: str, ca_cert: Path | None, home: Path | None = None
 ) -> Path:
@@ -374,7 +380,7 @@ def register(public_key: Path, connection: str) -> int:
             "ECDSA keys on a NIST curve (create one with `fedllama credentials node-key`)"
         )
     cmd = register_command(public_key, connection, name=public_key.stem)
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run([_which(cmd[0]), *cmd[1:]], capture_output=True, text=True, check=False)
     output = (proc.stdout + proc.stderr).strip()
     start = output.find("{")
     try:
@@ -422,7 +428,14 @@ def add_commands(sub: Any) -> None:
     link.add_argument("--credentials", type=Path, help="directory from `credentials create`")
     link.add_argument("--fleet-address", default=DEFAULT_FLEET_ADDRESS, help="HOST:PORT")
     link.add_argument("--control-port", type=int, default=DEFAULT_CONTROL_PORT)
-    link.add_argument("--database", type=Path, help="SQLite state file (default: in memory)")
+    link.add_argument(
+        "--database",
+        type=Path,
+        help="SQLite file for registered keys and runs (default: $FLWR_HOME/superlink/state.db)",
+    )
+    link.add_argument(
+        "--in-memory", action="store_true", help="keep state in memory (lost on restart)"
+    )
     link.add_argument("--connection", default=DEFAULT_CONNECTION, help="flwr CLI connection")
     link.add_argument(
         "--insecure-local-test",
@@ -457,15 +470,24 @@ def add_commands(sub: Any) -> None:
 COMMANDS = ("credentials", "deploy")
 
 
+def _which(program: str) -> str:
+    """``program`` from this Python's environment first (``.venv/bin``), then ``PATH``."""
+    search = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    exe = shutil.which(program, path=search)
+    if exe is None:
+        raise DeployError(f"{program} is not installed here (pip install 'flwr>=1.39,<1.40')")
+    return exe
+
+
 def _exec(cmd: Sequence[str], dry_run: bool) -> int:
     if dry_run:
         print(shlex.join(cmd))
         return 0
-    exe = shutil.which(
-        cmd[0], path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    )
-    if exe is None:
-        raise DeployError(f"{cmd[0]} is not installed here (pip install 'flwr>=1.39,<1.40')")
+    exe = _which(cmd[0])
+    # Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
+    bin_dir = str(Path(exe).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(exe, [exe, *cmd[1:]])  # the PID the caller started becomes Flower's process
@@ -501,17 +523,22 @@ def _run(args: argparse.Namespace) -> int:
         print(f"public key (send to the coordinator): {pair.public_key}")
         return 0
     if args.action == "superlink":
+        database = None if args.in_memory else args.database or default_database()
         link = SuperLinkSettings(
             credentials=args.credentials,
             fleet_address=args.fleet_address,
             control_port=args.control_port,
-            database=args.database,
+            database=database,
             insecure=args.insecure_local_test,
         )
         if link.insecure:
             log.warning(INSECURE_WARNING)
         cmd = superlink_command(link)
         if not args.dry_run:
+            if link.database is not None:  # sqlite does not create the directory
+                link.database.expanduser().resolve().parent.mkdir(
+                    mode=0o700, parents=True, exist_ok=True
+                )
             path = write_connection(args.connection, link.control_address, link.ca_cert)
             log.info(
                 "flwr connection %r (%s) written to %s", args.connection, link.control_address, path
