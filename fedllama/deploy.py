@@ -94,8 +94,10 @@ class SuperLinkSettings:
             ``superlink.crt``, ``superlink.key``); required unless ``insecure``.
         fleet_address: Fleet API bind address (gRPC, what institutions dial).
         control_port: port of the HTTP API (Control + ServerApp runtime) on 127.0.0.1.
-        database: SQLite file for the SuperLink's state (registered keys, runs); ``None`` keeps
-            it in memory, so keys must be registered again after a restart.
+        database: SQLite file for the SuperLink's state (registered keys, runs); ``None`` (the
+            default, as Flower's) keeps it in memory, so keys must be registered again after a
+            restart. Flower 1.39's SQLite state failed a run here with ``database is locked``
+            under heavy load (2 CPU cores, NF4 clients on the same machine).
         insecure: no TLS, no SuperNode authentication (loopback tests only).
     """
 
@@ -172,12 +174,6 @@ def superlink_command(settings: SuperLinkSettings) -> list[str]:
 def flwr_home() -> Path:
     """Flower's home directory (``$FLWR_HOME``, default ``~/.flwr``)."""
     return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser()
-
-
-def default_database() -> Path:
-    """Where the SuperLink keeps its state unless told otherwise: registered keys and runs
-    survive a restart (in memory, every key would have to be registered again)."""
-    return flwr_home() / "superlink" / "state.db"
 
 
 def write_connection(
@@ -431,10 +427,7 @@ def add_commands(sub: Any) -> None:
     link.add_argument(
         "--database",
         type=Path,
-        help="SQLite file for registered keys and runs (default: $FLWR_HOME/superlink/state.db)",
-    )
-    link.add_argument(
-        "--in-memory", action="store_true", help="keep state in memory (lost on restart)"
+        help="SQLite file for registered keys and runs (default: in memory, as Flower's)",
     )
     link.add_argument("--connection", default=DEFAULT_CONNECTION, help="flwr CLI connection")
     link.add_argument(
@@ -523,12 +516,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"public key (send to the coordinator): {pair.public_key}")
         return 0
     if args.action == "superlink":
-        database = None if args.in_memory else args.database or default_database()
         link = SuperLinkSettings(
             credentials=args.credentials,
             fleet_address=args.fleet_address,
             control_port=args.control_port,
-            database=database,
+            database=args.database,
             insecure=args.insecure_local_test,
         )
         if link.insecure:
