@@ -9,12 +9,7 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-import strategies
 from fedllama import secagg, setup_logging
-from fedllama.client import NodeSettings, client_state_path, load_split, run_round
-from fedllama.config import from_yaml
-from fedllama.flower import ARRAYS, CONFIG, CONFIG_YAML, METRICS, ROUND, from_record, to_record
-from fedllama.merge import residual_view
 
 app = ClientApp()
 
@@ -22,6 +17,15 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on this node's data from the global view; reply with the encoded delta."""
+    # Imported here, not at module level: in a deployment every message starts a fresh ClientApp
+    # process, and secure aggregation's key, share and unmask messages need none of this (torch,
+    # transformers, peft: seconds of imports per message).
+    import strategies
+    from fedllama.client import NodeSettings, client_state_path, load_split, run_round
+    from fedllama.config import from_yaml
+    from fedllama.flower import ARRAYS, CONFIG, CONFIG_YAML, METRICS, ROUND, from_record, to_record
+    from fedllama.merge import residual_view
+
     setup_logging()
     settings = msg.content.config_records[CONFIG]
     node = NodeSettings.from_node_config(dict(context.node_config))

@@ -57,11 +57,10 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.fernet import InvalidToken
 from cryptography.hazmat.primitives import hashes, serialization
@@ -87,22 +86,17 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
-from flwr.serverapp import Grid
 
-from fedllama.adapters import AdapterState
 from fedllama.config import SecAggConfig
-from fedllama.flower import (
-    ARRAYS,
-    CONFIG,
-    METRICS,
-    FedLlamaStrategy,
-    ReplyError,
-    RoundReport,
-    check_metrics,
-    record_bytes,
-    stream_replies,
-)
-from fedllama.merge import MergeError
+
+# torch and fedllama.flower (which imports torch) are imported where they are used: in a
+# deployment every message starts a fresh ClientApp process, and the key, share and unmask
+# stages need neither, which saves the seconds a torch import costs on each of them.
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
+    from fedllama.adapters import AdapterState
+    from fedllama.flower import FedLlamaStrategy, RoundReport
 
 log = logging.getLogger(__name__)
 
@@ -1156,6 +1150,8 @@ class Layout:
 
     def unflatten(self, vector: F64) -> AdapterState:
         """Inverse of :meth:`flatten` (float32 tensors)."""
+        import torch
+
         out: AdapterState = {}
         start = 0
         for key, shape in self.shapes:
@@ -1230,6 +1226,8 @@ def client_mask(msg: Message, context: Context, train: Callable[[], Message]) ->
     carries the masked vector and the plain reply's metrics (with the number of clipped
     values), never the encoding itself.
     """
+    from fedllama.flower import ARRAYS, METRICS
+
     rec = _request(msg)
     client = _load(context)
     _round_of(client, rec)
@@ -1277,6 +1275,8 @@ def client_unmask(msg: Message, context: Context) -> Message:
 
 def content_bytes(content: RecordDict) -> int:
     """Payload bytes of a message's records (arrays, bytes, strings; 8 per number)."""
+    from fedllama.flower import record_bytes
+
     total = sum(record_bytes(r) for r in content.array_records.values())
     total += sum(fields_bytes(r) for r in content.config_records.values())
     return total + sum(fields_bytes(r) for r in content.metric_records.values())
@@ -1307,6 +1307,8 @@ def _exchange(
     Error replies drop their node (logged with the reason); nodes that do not reply in time are
     dropped when the server closes the stage.
     """
+    from fedllama.flower import stream_replies
+
     t0 = time.perf_counter()
     messages = [
         Message(
@@ -1348,6 +1350,9 @@ def run_round(
     Raises:
         SecAggAbort: too few clients or shares to finish securely; nothing was aggregated.
     """
+    from fedllama.flower import ARRAYS, CONFIG, ReplyError, RoundReport, record_bytes
+    from fedllama.merge import MergeError
+
     merge = strategy.merge
     if not merge.summable:
         raise SecAggAbort(f"strategy {merge.name} is not summable; secure aggregation needs a sum")
@@ -1482,6 +1487,8 @@ def run_round(
 
 def _check_masked(content: RecordDict, length: int) -> tuple[U64, dict[str, Any], float, float]:
     """A mask-stage reply's masked vector and metrics (raises ReplyError/SecAggError)."""
+    from fedllama.flower import METRICS, check_metrics
+
     arrays = content.array_records.get(MASKED)
     if arrays is None or set(arrays) != {MASKED}:
         raise SecAggError(f"no ArrayRecord {MASKED!r} holding one array {MASKED!r}")
