@@ -6,6 +6,8 @@ import ipaddress
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.cli.supernode.register import try_load_public_key
 
-from fedllama import cli, credentials
+from fedllama import credentials
 from fedllama.credentials import CredentialsError
 
 
@@ -183,15 +185,18 @@ def test_a_client_trusting_another_ca_rejects_the_superlink(
     thread.join(10)
 
 
-def test_cli_creates_credentials_and_refuses_to_overwrite(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_creates_credentials_and_refuses_to_overwrite(tmp_path: Path) -> None:
     directory = tmp_path / "creds"
-    argv = ["credentials", "create", str(directory), "--address", "localhost"]
+    fedllama = [str(Path(sys.executable).parent / "fedllama"), "credentials"]
+    create = [*fedllama, "create", str(directory), "--address", "localhost"]
 
-    assert cli.main([*argv, "--institution", "hospital-a"]) == 0
+    first = subprocess.run([*create, "--institution", "hospital-a"], capture_output=True, text=True)
+    again = subprocess.run(create, capture_output=True, text=True)
+    node = subprocess.run([*fedllama, "node-key", str(directory), "law-firm"], capture_output=True)
+
+    assert first.returncode == 0, first.stderr
     assert (directory / "nodes" / "hospital-a.pub").is_file()
-    assert cli.main(argv) == 2
-    assert "already exists" in capsys.readouterr().err
-    assert cli.main(["credentials", "node-key", str(directory), "law-firm"]) == 0
+    assert again.returncode == 2
+    assert "ca.crt already exists" in again.stderr
+    assert node.returncode == 0
     assert _mode(directory / "nodes" / "law-firm.key") == 0o600

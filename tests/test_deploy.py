@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -223,8 +224,12 @@ def test_stream_replies_names_dead_and_silent_nodes(caplog: pytest.LogCaptureFix
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (7, 8, 9)]
 
-    with caplog.at_level("WARNING", logger="fedllama"):
+    logger = logging.getLogger("fedllama")  # setup_logging() stops it propagating to root
+    logger.addHandler(caplog.handler)
+    try:
         replies = list(stream_replies(_FakeGrid(), messages, timeout=0.5, poll_s=0.05))  # type: ignore[arg-type]
+    finally:
+        logger.removeHandler(caplog.handler)
 
     assert sorted(r.metadata.src_node_id for r in replies) == [7, 8]
     dead = next(r for r in replies if r.has_error())
