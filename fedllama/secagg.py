@@ -38,7 +38,8 @@ Design choices (see the README's "Secure aggregation" section):
 * The neighbour graph is SecAgg+'s Harary graph: a random permutation of the sampled nodes in a
   ring, each linked to the k/2 nodes on either side (k ≈ 2·⌈log2 N⌉).
 * The threshold is a fraction in (0.5, 1] of each node's k + 1 shares, so no two disjoint sets
-  of its neighbours can each rebuild one of its secrets (Bonawitz et al. §4).
+  of its neighbours can each rebuild one of its secrets (a server that tells some neighbours a
+  node survived and others that it dropped cannot collect both of its secrets from them).
 
 The protocol itself (:class:`SecAggClient`, :class:`SecAggServer`) takes and returns plain data;
 the Flower glue at the end of this module turns it into messages, and the client keeps its round
@@ -257,14 +258,8 @@ def seed_commitment(node: int, server_round: int, seed: bytes) -> bytes:
     The server checks a rebuilt seed against it, which finds corrupted shares. The seed is 256
     uniform bits, so its hash reveals nothing useful about it.
     """
-    return (
-        hashlib.sha256(
-            b"fedllama secagg seed"
-            + node.to_bytes(8, "little")
-            + server_round.to_bytes(8, "little")
-        ).digest()
-        + hashlib.sha256(seed).digest()
-    )
+    tag = b"fedllama secagg seed" + node.to_bytes(8, "little") + server_round.to_bytes(8, "little")
+    return hashlib.sha256(tag + seed).digest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -725,8 +720,8 @@ class SecAggServer:
                 f"shares for {sorted(ciphertexts)}, expected one per neighbour {sorted(expected)} "
                 f"(differs at node {odd[0]})"
             )
-        if len(commitment) != 64:
-            raise SecAggError(f"seed commitment of {len(commitment)} bytes, expected 64")
+        if len(commitment) != 32:
+            raise SecAggError(f"seed commitment of {len(commitment)} bytes, expected 32")
         self.commitments[node] = commitment
         for dst, ciphertext in ciphertexts.items():
             self.outbox.setdefault(dst, {})[node] = ciphertext
@@ -745,6 +740,8 @@ class SecAggServer:
 
     def add_masked(self, node: int, masked: U64) -> None:
         """Add a node's masked vector to the running sum (mod 2^64)."""
+        if node in self.summed:
+            raise SecAggError("a second masked vector from the same node")
         if masked.dtype != np.uint64 or masked.shape != (self.length,):
             raise SecAggError(
                 f"masked vector is {masked.dtype} {masked.shape}, expected uint64 ({self.length},)"
