@@ -43,9 +43,10 @@ def train(msg: Message, context: Context) -> Message:
         view,
         split,
         server_round=int(str(settings[ROUND])),
-        client_id=node.partition_id if node.partition_id is not None else -1,
+        # the partition in a simulation, the node id in a deployment: seeds differ per client
+        client_id=node.partition_id if node.partition_id is not None else context.node_id,
         rank=rank,
-        state_path=client_state_path(run_cfg, node),
+        state_path=client_state_path(cfg, node),  # under this node's own cache-dir
         residual=residual,
     )
     metrics = MetricRecord(dict(result.metrics.items()))  # type: ignore[arg-type]

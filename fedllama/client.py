@@ -38,10 +38,12 @@ class NodeSettings:
     device: str | None = None
     batch_size: int | None = None
     local_steps: int | None = None
+    cache_dir: str | None = None
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodeSettings:
-        """Read Flower's node config (``partition-id``, ``data-path``, ``lora-rank``, ...)."""
+        """Read Flower's node config (``partition-id``, ``data-path``, ``lora-rank``,
+        ``device``, ``batch-size``, ``local-steps``, ``cache-dir``)."""
 
         def get_int(key: str) -> int | None:
             value = node_config.get(key)
@@ -65,6 +67,7 @@ class NodeSettings:
             device=get_str("device"),
             batch_size=get_int("batch-size"),
             local_steps=get_int("local-steps"),
+            cache_dir=get_str("cache-dir"),
         )
 
     def rank(self, cfg: Config) -> int:
@@ -77,9 +80,11 @@ class NodeSettings:
         return cfg.lora.r
 
     def apply(self, cfg: Config) -> Config:
-        """The run config with this node's device, batch size and local steps (not its rank:
-        see :meth:`rank`)."""
+        """The run config with this node's device, cache directory, batch size and local steps
+        (not its rank: see :meth:`rank`)."""
         model_cfg = replace(cfg.model, device=self.device) if self.device else cfg.model
+        if self.cache_dir:
+            model_cfg = replace(model_cfg, cache_dir=self.cache_dir)
         train_cfg = cfg.train
         if self.batch_size is not None:
             train_cfg = replace(train_cfg, batch_size=self.batch_size)
@@ -222,7 +227,7 @@ def run_round(
         "seconds": result.seconds,
         "tokens": result.tokens,
         "lora-rank": rank,
-        "partition-id": client_id,
+        "client-id": client_id,
     }
     if eval_set:
         metrics["client-eval-loss"] = train.evaluate(

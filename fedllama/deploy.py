@@ -243,7 +243,8 @@ def node_config_toml(values: Mapping[str, NodeConfigValue]) -> str:
 @dataclass
 class SuperNodeSettings:
     """How an institution starts its SuperNode; the per-institution fields become its node
-    config (``data-path``, ``lora-rank``, ``device``, ``batch-size``, ``local-steps``).
+    config (``data-path``, ``lora-rank``, ``device``, ``batch-size``, ``local-steps``,
+    ``cache-dir``).
 
     Attributes:
         superlink: the coordinator's Fleet API, ``HOST:PORT`` (HOST must be in the SuperLink
@@ -255,6 +256,8 @@ class SuperNodeSettings:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (default: the run's ``model.device``).
         batch_size: micro-batch size (default: the run's ``train.batch_size``).
         local_steps: optimizer steps per round (default: the run's ``train.local_steps``).
+        cache_dir: where this machine caches the converted and NF4-quantized base model
+            (default: the run's ``model.cache_dir``, ``~/.cache/fedllama``).
         port: the SuperNode's local runtime API port on 127.0.0.1 (one per SuperNode on a host).
         max_retries: connection attempts before giving up (``None``: retry forever).
         insecure: no TLS, no authentication (loopback tests only).
@@ -268,6 +271,7 @@ class SuperNodeSettings:
     device: str | None = None
     batch_size: int | None = None
     local_steps: int | None = None
+    cache_dir: Path | None = None
     port: int = DEFAULT_SUPERNODE_PORT
     max_retries: int | None = None
     insecure: bool = False
@@ -316,6 +320,7 @@ class SuperNodeSettings:
             "device": self.device,
             "batch-size": self.batch_size,
             "local-steps": self.local_steps,
+            "cache-dir": str(self.cache_dir.expanduser().resolve()) if self.cache_dir else None,
         }
         values.update({k: v for k, v in optional.items() if v is not None})
         return values
@@ -446,6 +451,9 @@ def add_commands(sub: Any) -> None:
     node.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     node.add_argument("--batch-size", type=int)
     node.add_argument("--local-steps", type=int)
+    node.add_argument(
+        "--cache-dir", type=Path, help="base-model cache on this machine (~/.cache/fedllama)"
+    )
     node.add_argument("--port", type=int, default=DEFAULT_SUPERNODE_PORT, help="local API port")
     node.add_argument("--max-retries", type=int, help="give up after N failed connections")
     node.add_argument(
@@ -546,6 +554,7 @@ def _run(args: argparse.Namespace) -> int:
             device=args.device,
             batch_size=args.batch_size,
             local_steps=args.local_steps,
+            cache_dir=args.cache_dir,
             port=args.port,
             max_retries=args.max_retries,
             insecure=args.insecure_local_test,

@@ -75,7 +75,7 @@ def _log_reply(server_round: int, total: int) -> Any:
             "round %d: client %s (node %s) done %d/%d: train_loss %.4f, %d examples, "
             "%d steps in %.1f s",
             server_round,
-            summary.get("partition-id", "?"),
+            summary.get("client-id", "?"),
             summary["node"],
             seen,
             total,

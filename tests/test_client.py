@@ -23,10 +23,12 @@ def test_node_config_overrides_rank_device_batch_and_steps(tiny_cfg: Config) -> 
             "device": "cpu",
             "batch-size": 2,
             "local-steps": 3,
+            "cache-dir": "/srv/cache",
         }
     )
     cfg = node.apply(tiny_cfg)
     assert (cfg.model.device, cfg.train.batch_size, cfg.train.local_steps) == ("cpu", 2, 3)
+    assert cfg.model.cache_dir == "/srv/cache"
     assert node.rank(tiny_cfg) == 16
 
 

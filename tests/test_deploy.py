@@ -112,6 +112,7 @@ def test_supernode_node_config_round_trips_through_flowers_parser(
         device="cuda:1",
         batch_size=2,
         local_steps=5,
+        cache_dir=tmp_path / "cache",
     )
 
     cmd = deploy.supernode_command(settings)
@@ -123,6 +124,7 @@ def test_supernode_node_config_round_trips_through_flowers_parser(
         "device": "cuda:1",
         "batch-size": 2,
         "local-steps": 5,
+        "cache-dir": str(tmp_path / "cache"),
     }
     assert _value(cmd, "--root-certificates") == str(creds.ca_cert)
     assert "--insecure" not in cmd
