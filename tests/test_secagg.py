@@ -40,6 +40,14 @@ from server.app import check
 from tests.conftest import REPO, TINY_YAML, tiny_config
 from tests.grid import InProcessGrid
 from tests.grid import run as _run
+from tests.test_deploy import (  # noqa: F401  (deployment and procs are fixtures)
+    Deployment,
+    _rows,
+    _seed_home_cache,
+    _write_jsonl,
+    deployment,
+    procs,
+)
 
 ON = SecAggConfig(enabled=True)
 STEP = Quantizer(ON.clip_range, ON.quantization_bits).step  # 1e6 / (2^47 - 1) ≈ 7.1e-9
@@ -689,6 +697,36 @@ def test_flwr_run_with_secagg_keeps_client_secrets_across_messages(
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["clients_ok"] == 3
     assert rows[-1]["secagg"]["stages"]["unmask"]["ok"] == 3
+
+
+@pytest.mark.slow
+def test_secagg_over_tls_superlink_and_supernodes_with_a_process_per_message(
+    deployment: Deployment,  # noqa: F811  (tests.test_deploy's fixture)
+) -> None:
+    dep = deployment
+    for who in ("coordinator", "hospital-a", "hospital-b"):
+        _seed_home_cache(dep, who)
+    data_a = _write_jsonl(dep.home("hospital-a") / "data" / "icd.jsonl", "ICD codes", 30)
+    data_b = _write_jsonl(dep.home("hospital-b") / "data" / "hpo.jsonl", "phenotypes", 50)
+    out = dep.root / "coordinator" / "run"
+    dep.start_superlink()
+    dep.register("hospital-a", "hospital-b")
+    dep.start_supernode("hospital-a", data_a, 2)
+    dep.start_supernode("hospital-b", data_b, 4)
+
+    run = dep.flwr_run(
+        "model.cache_dir=~/.cache/fedllama model.quantization=none secagg.enabled=true",
+        f"output.dir={out} server.rounds=1 strategy.name=rank_aware lora.r=4",
+        timeout=900,
+    )
+
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    row = _rows(out)[-1]
+    assert row["clients_ok"] == 2
+    assert all(s["ok"] == 2 for s in row["secagg"]["stages"].values())
+    for name in ("hospital-a", "hospital-b"):
+        # one fresh ClientApp process per stage: the secrets crossed them in context.state
+        assert dep.nodes[name].text().count("Start `flwr-clientapp` process") >= 4
 
 
 def test_logging_is_quiet_for_a_clean_round(caplog) -> None:
