@@ -153,7 +153,11 @@ SUPERLINK_NODE_ID = 1
 
 
 def stream_replies(
-    grid: Grid, messages: Iterable[Message], timeout: float, poll_s: float = 0.2
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float,
+    poll_s: float = 0.2,
+    setting: str = "server.timeout_s",
 ) -> Iterator[Message]:
     """Push messages and yield replies as they arrive (``send_and_receive``, streamed).
 
@@ -162,7 +166,8 @@ def stream_replies(
     Flower 1.39 a SuperNode sends one about every 20 s and is declared offline 2 x 30 s after
     the last, so 40-60 s after it died. That reply comes from the SuperLink's node id; it is
     re-addressed here as a reply from the node it stands for, so that the caller logs and
-    counts it against that node. A node still silent at ``timeout`` is logged by id.
+    counts it against that node. A node still silent at ``timeout`` is logged by id, with
+    ``setting``, the config key the timeout came from.
     """
     sent = list(messages)
     ids: list[str | None] = list(grid.push_messages(sent))
@@ -196,8 +201,9 @@ def stream_replies(
     if pending:
         silent = sorted(by_id[mid].metadata.dst_node_id for mid in pending)
         log.warning(
-            "%d node(s) did not reply within server.timeout_s=%.0f s: %s",
+            "%d node(s) did not reply within %s=%.0f s: %s",
             len(silent),
+            setting,
             timeout,
             ", ".join(map(str, silent)),
         )

@@ -1318,7 +1318,8 @@ def _exchange(
     ]
     stats.sent = len(messages)
     stats.bytes_down = sum(content_bytes(m.content) for m in messages)
-    for reply in stream_replies(grid, messages, timeout):
+    setting = "server.timeout_s" if stage == "mask" else "secagg.timeout_s"  # training waits longer
+    for reply in stream_replies(grid, messages, timeout, setting=setting):
         node = reply.metadata.src_node_id
         if node not in server.alive:
             continue
