@@ -34,12 +34,11 @@ def _stop_processes_mentioning(marker: str) -> None:
             os.kill(int(proc.name), signal.SIGTERM)
 
 
-@pytest.mark.slow
-def test_flwr_run_runs_the_declared_apps(cache_dir: Path, tmp_path: Path) -> None:
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    out = tmp_path / "run"
-    env = {
+def local_flwr_env(home: Path) -> dict[str, str]:
+    """Environment for ``flwr run`` with a local simulation: its own FLWR_HOME and free ports
+    (the detached local SuperLink is otherwise shared), no dependency installs, no update
+    check."""
+    return {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "FLWR_HOME": str(home),
@@ -48,6 +47,14 @@ def test_flwr_run_runs_the_declared_apps(cache_dir: Path, tmp_path: Path) -> Non
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
     }
+
+
+@pytest.mark.slow
+def test_flwr_run_runs_the_declared_apps(cache_dir: Path, tmp_path: Path) -> None:
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    out = tmp_path / "run"
+    env = local_flwr_env(home)
     overrides = f"model.cache_dir={cache_dir} output.dir={out} server.rounds=1"
     cmd = [
         "flwr", "run", ".",

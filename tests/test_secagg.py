@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import subprocess
 import sys
@@ -664,20 +663,12 @@ def test_simulate_with_secagg_and_mixed_ranks(cache_dir: Path, tmp_path: Path) -
 def test_flwr_run_with_secagg_keeps_client_secrets_across_messages(
     cache_dir: Path, tmp_path: Path
 ) -> None:
-    from tests.test_flwr_run import _free_port, _stop_processes_mentioning
+    from tests.test_flwr_run import _stop_processes_mentioning, local_flwr_env
 
     home = tmp_path / "flwr-home"
     home.mkdir()
     out = tmp_path / "run"
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "FLWR_HOME": str(home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-    }
+    env = local_flwr_env(home)
     overrides = (
         f"model.cache_dir={cache_dir} output.dir={out} server.rounds=1 secagg.enabled=true "
         "strategy.name=zero_pad lora.client_ranks=[2,4]"
