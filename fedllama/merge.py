@@ -26,6 +26,47 @@ class MergeError(ValueError):
     """Client encodings cannot be merged (shape or key mismatch, zero total weight)."""
 
 
+# LoRA state shapes follow peft: ``lora_A.weight`` is (r, in_features), ``lora_B.weight`` is
+# (out_features, r); rank slot i is row i of A together with column i of B.
+
+
+def is_a(key: str) -> bool:
+    """A LoRA down-projection (A) key."""
+    return key.endswith("lora_A.weight")
+
+
+def is_b(key: str) -> bool:
+    """A LoRA up-projection (B) key."""
+    return key.endswith("lora_B.weight")
+
+
+def lora_pairs(state: AdapterState) -> list[tuple[str, str]]:
+    """(A key, B key) of every adapted module in ``state``."""
+    return [(k, k.replace("lora_A", "lora_B")) for k in state if is_a(k)]
+
+
+def rank_of(state: AdapterState) -> int:
+    """The LoRA rank of an adapter state (rows of its A matrices)."""
+    ranks = {int(v.shape[0]) for k, v in state.items() if is_a(k)}
+    ranks |= {int(v.shape[1]) for k, v in state.items() if is_b(k)}
+    if len(ranks) != 1:
+        raise MergeError(f"adapter state has no single LoRA rank: {sorted(ranks)}")
+    return ranks.pop()
+
+
+def pad(state: AdapterState, rank: int) -> AdapterState:
+    """Zero-pad A rows and B columns up to ``rank`` slots."""
+    out = {}
+    for key, value in state.items():
+        if is_a(key):
+            out[key] = torch.cat([value, value.new_zeros(rank - value.shape[0], value.shape[1])])
+        elif is_b(key):
+            out[key] = torch.cat([value, value.new_zeros(value.shape[0], rank - value.shape[1])], 1)
+        else:
+            out[key] = value
+    return out
+
+
 class MergeStrategy(Protocol):
     """How the server merges client adapter deltas.
 
@@ -132,10 +173,6 @@ def with_prefix(residual: AdapterState) -> AdapterState:
     return {RESIDUAL + k: v for k, v in residual.items()}
 
 
-def _pairs(state: AdapterState) -> list[tuple[str, str]]:
-    return [(k, k.replace("lora_A", "lora_B")) for k in state if k.endswith("lora_A.weight")]
-
-
 def add_residual(residual: AdapterState, increment: AdapterState) -> AdapterState:
     """Residual factors whose product is ``residual``'s plus ``increment``'s, module by module.
 
@@ -145,24 +182,15 @@ def add_residual(residual: AdapterState, increment: AdapterState) -> AdapterStat
     """
     from fedllama.lowrank import compress
 
-    merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for a_key, b_key in _pairs(increment):
+    merged: AdapterState = dict(residual)
+    for a_key, b_key in lora_pairs(increment):
         b, a = increment[b_key], increment[a_key]
         if a_key in residual:
             b = torch.cat([residual[b_key], b], 1)  # (out, k_res + k_inc)
             a = torch.cat([residual[a_key], a], 0)  # (k_res + k_inc, in)
-        new_b, new_a = compress(b, a)
-        merged[a_key] = (new_a, new_b)
-    for a_key, b_key in _pairs(residual):
-        merged.setdefault(a_key, (residual[a_key], residual[b_key]))
-    rank = max([a.shape[0] for a, _ in merged.values()] + [1])
-    out: AdapterState = {}
-    for a_key, (a, b) in merged.items():
-        out[a_key] = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
-        out[a_key.replace("lora_A", "lora_B")] = torch.cat(
-            [b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1
-        )
-    return out
+        merged[b_key], merged[a_key] = compress(b, a)
+    rank = max([v.shape[0] for k, v in merged.items() if is_a(k)] + [1])
+    return pad(merged, rank)
 
 
 def with_residual(adapter: AdapterState, residual: AdapterState, scale: float) -> AdapterState:
@@ -172,7 +200,7 @@ def with_residual(adapter: AdapterState, residual: AdapterState, scale: float) -
     ``PeftModel.from_pretrained`` gives the whole global model with a single adapter.
     """
     out: AdapterState = {}
-    for a_key, b_key in _pairs(adapter):
+    for a_key, b_key in lora_pairs(adapter):
         res_a = residual.get(a_key, adapter[a_key][:0])
         res_b = residual.get(b_key, adapter[b_key][:, :0])
         out[a_key] = torch.cat([res_a, adapter[a_key]], 0)

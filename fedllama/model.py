@@ -329,14 +329,13 @@ def set_residual(lora_model: Any, residual: dict[str, torch.Tensor], cfg: Config
     """
     from peft import LoraConfig, set_peft_model_state_dict
 
+    from fedllama.merge import rank_of
+
     if RESIDUAL_ADAPTER in lora_model.peft_config:
         lora_model.delete_adapter(RESIDUAL_ADAPTER)
     if not residual:
         return
-    ranks = {int(v.shape[0]) for k, v in residual.items() if k.endswith("lora_A.weight")}
-    if len(ranks) != 1:
-        raise ModelError(f"residual adapter factors have no single rank: {sorted(ranks)}")
-    rank = ranks.pop()
+    rank = rank_of(residual)
     config = LoraConfig(
         r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=cfg.lora.target_modules
     )

@@ -24,6 +24,7 @@ from fedllama.merge import (
     MergeStrategy,
     ResidualMergeStrategy,
     add_residual,
+    rank_of,
     residual_view,
     split_residual,
     with_prefix,
@@ -126,7 +127,7 @@ def round_adapters(
             continue
         scale = cast(ResidualMergeStrategy, merge).scale
         folded = with_residual(view, residual, scale)
-        width = next(int(v.shape[0]) for k, v in folded.items() if k.endswith("lora_A.weight"))
+        width = rank_of(folded)
         out.append((rank, folded, {**cfg.lora.peft_kwargs(), "r": width, "lora_alpha": width}))
     return out
 

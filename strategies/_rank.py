@@ -12,36 +12,12 @@ import torch
 
 from fedllama.adapters import AdapterState
 from fedllama.config import Config
-from fedllama.merge import MergeError
-
-
-def is_a(key: str) -> bool:
-    """A LoRA down-projection (A) key."""
-    return key.endswith("lora_A.weight")
-
-
-def is_b(key: str) -> bool:
-    """A LoRA up-projection (B) key."""
-    return key.endswith("lora_B.weight")
-
-
-def lora_pairs(state: AdapterState) -> list[tuple[str, str]]:
-    """(A key, B key) of every adapted module in ``state``."""
-    return [(k, k.replace("lora_A", "lora_B")) for k in state if is_a(k)]
+from fedllama.merge import MergeError, is_a, is_b, pad, rank_of
 
 
 def module_of(key: str) -> str:
     """The adapted layer a LoRA key belongs to (``...q_proj`` of ``...q_proj.lora_A.weight``)."""
     return key.rsplit(".lora_", 1)[0]
-
-
-def rank_of(state: AdapterState) -> int:
-    """The LoRA rank of an adapter state (rows of its A matrices)."""
-    ranks = {int(v.shape[0]) for k, v in state.items() if is_a(k)}
-    ranks |= {int(v.shape[1]) for k, v in state.items() if is_b(k)}
-    if len(ranks) != 1:
-        raise MergeError(f"adapter state has no single LoRA rank: {sorted(ranks)}")
-    return ranks.pop()
 
 
 def truncate(state: AdapterState, rank: int) -> AdapterState:
@@ -54,19 +30,6 @@ def truncate(state: AdapterState, rank: int) -> AdapterState:
             out[key] = value[:, :rank].clone()
         else:
             out[key] = value.clone()
-    return out
-
-
-def pad(state: AdapterState, rank: int) -> AdapterState:
-    """Zero-pad A rows and B columns up to ``rank`` slots."""
-    out = {}
-    for key, value in state.items():
-        if is_a(key):
-            out[key] = torch.cat([value, value.new_zeros(rank - value.shape[0], value.shape[1])])
-        elif is_b(key):
-            out[key] = torch.cat([value, value.new_zeros(value.shape[0], rank - value.shape[1])], 1)
-        else:
-            out[key] = value
     return out
 
 
@@ -115,16 +78,20 @@ class SlotAveraged:
         check_view_rank(rank_of(global_state), rank, self.name)
         return truncate(global_state, rank)
 
+    def slot_mask(self, rank: int, weight: float) -> torch.Tensor:
+        """(R,): ``weight`` on the ``rank`` slots a client owns, 0 on the others."""
+        if weight <= 0:
+            raise MergeError(f"a client's weight must be > 0, got {weight}")
+        mask = torch.zeros(self.global_rank)
+        mask[:rank] = weight
+        return mask
+
     def encode(
         self, delta: AdapterState, weight: float, view: AdapterState | None = None
     ) -> AdapterState:
         """``w·Δ`` padded to the global rank, plus the weighted slot mask."""
-        if weight <= 0:
-            raise MergeError(f"a client's weight must be > 0, got {weight}")
-        rank = rank_of(delta)
+        mask = self.slot_mask(rank_of(delta), weight)
         encoded = pad({k: v.float() * weight for k, v in delta.items()}, self.global_rank)
-        mask = torch.zeros(self.global_rank)
-        mask[:rank] = weight
         encoded[SLOT_WEIGHT] = mask
         return encoded
 
@@ -163,9 +130,8 @@ class SendsFactors(SlotAveraged):
         """The trained factors padded to the global rank, plus the weighted slot mask."""
         if view is None:
             raise MergeError(f"{self.name} needs the client's view to send its trained factors")
-        mask = super().encode(delta, weight)[SLOT_WEIGHT]  # checks the weight
         trained = pad({k: view[k] + delta[k] for k in delta}, self.global_rank)
-        return {**trained, SLOT_WEIGHT: mask}
+        return {**trained, SLOT_WEIGHT: self.slot_mask(rank_of(delta), weight)}
 
     def decode(self, summed: AdapterState, global_state: AdapterState) -> AdapterState:
         """Not available: this rule needs each client's factors (see ``aggregate``)."""

@@ -26,8 +26,8 @@ import torch
 
 from fedllama.adapters import AdapterState
 from fedllama.config import Config
-from fedllama.merge import RESIDUAL, MergeError, split_residual
-from strategies._rank import SendsFactors, check_view_rank, client_weights, lora_pairs
+from fedllama.merge import RESIDUAL, MergeError, lora_pairs, split_residual
+from strategies._rank import SendsFactors, check_view_rank, client_weights
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 """One module's (A: (r, in), B: (out, r))."""
@@ -86,15 +86,15 @@ class ResidualExact(SendsFactors):
         shares, ranks = client_weights(list(encodings))
         generator = torch.Generator().manual_seed(self.seed + server_round)
         s = self.scale
+        # Σ_k p_k T_k = s·B diag(u) A, u_i = Σ_k p_k [i >= r_k]: the share not owning slot i
+        unowned = torch.zeros(self.global_rank)
+        for p, r in zip(shares, ranks, strict=True):
+            unowned[r:] += p
         out: AdapterState = {}
         for a_key, b_key in lora_pairs(lora):
             a, b = lora[a_key], lora[b_key]
             trained = [(e[a_key], e[b_key]) for e in encodings]
             new_a, new_b = self.next_adapter(trained, shares, (a, b), generator)
-            # Σ_k p_k T_k = s·B diag(u) A, u_i = Σ_k p_k [i >= r_k]: the share not owning slot i
-            unowned = torch.zeros(self.global_rank)
-            for p, r in zip(shares, ranks, strict=True):
-                unowned[r:] += p
             inc_b = [s * b * unowned[None, :]]
             inc_a = [a]
             for (a_k, b_k), p, r in zip(trained, shares, ranks, strict=True):

@@ -14,8 +14,7 @@ import torch
 
 from fedllama.adapters import AdapterState
 from fedllama.config import Config
-from fedllama.merge import WEIGHT_KEY, MergeError, weighted_mean
-from strategies._rank import rank_of
+from fedllama.merge import WEIGHT_KEY, MergeError, rank_of, weighted_mean
 
 
 class FedAvg:

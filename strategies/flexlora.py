@@ -29,18 +29,8 @@ import torch
 from fedllama.adapters import AdapterState
 from fedllama.config import Config
 from fedllama.lowrank import product_svd, split_singular
-from fedllama.merge import MergeError, MergeStrategy
-from strategies._rank import (
-    SLOT_WEIGHT,
-    SendsFactors,
-    SlotAveraged,
-    client_weights,
-    is_a,
-    is_b,
-    lora_pairs,
-    module_of,
-    rank_of,
-)
+from fedllama.merge import MergeError, MergeStrategy, is_a, is_b, lora_pairs, rank_of
+from strategies._rank import SLOT_WEIGHT, SendsFactors, SlotAveraged, client_weights, module_of
 
 DENSE = "fedllama.dense."
 
@@ -54,10 +44,9 @@ class FlexLoRA(SlotAveraged):
         self, delta: AdapterState, weight: float, view: AdapterState | None = None
     ) -> AdapterState:
         """Per module ``w·(B'A' − B A)`` (out, in), plus the weighted slot mask."""
-        if weight <= 0:
-            raise MergeError(f"a client's weight must be > 0, got {weight}")
         if view is None:
             raise MergeError("flexlora needs the client's view to form its product update")
+        mask = self.slot_mask(rank_of(view), weight)
         encoded: AdapterState = {}
         for key, b_key in lora_pairs(delta):
             before = view[b_key] @ view[key]  # (out, r) @ (r, in)
@@ -65,8 +54,6 @@ class FlexLoRA(SlotAveraged):
             encoded[DENSE + module_of(key)] = (after - before) * weight
         if 2 * len(encoded) != len(delta):
             raise MergeError("flexlora needs the A and B delta of every module")
-        mask = torch.zeros(self.global_rank)
-        mask[: rank_of(view)] = weight
         encoded[SLOT_WEIGHT] = mask
         return encoded
 

@@ -14,7 +14,8 @@ from typing import ClassVar
 import torch
 
 from fedllama.adapters import AdapterState
-from strategies._rank import SlotAveraged, is_b
+from fedllama.merge import is_b
+from strategies._rank import SlotAveraged
 
 
 class RoLoRA(SlotAveraged):
