@@ -18,7 +18,8 @@ from collections.abc import Iterator
 import torch
 from flwr.app import Message, Metadata, MetricRecord, RecordDict
 
-from fedllama.flower import ARRAYS, METRICS, FedLlamaStrategy, to_record
+from fedllama.server.strategy import FedLlamaStrategy
+from fedllama.wire.records import ARRAYS, METRICS, to_record
 from strategies.fedavg import FedAvg
 
 

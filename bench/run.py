@@ -21,8 +21,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from fedllama import adapters, config, data, model, train
+from fedllama import config, data, model
 from fedllama.merge import SumAccumulator
+from fedllama.model import adapters, train
 from strategies.fedavg import FedAvg
 
 

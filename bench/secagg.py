@@ -29,16 +29,17 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, MetricRecord, RecordDict
 
 from fedllama.config import SecAggConfig
-from fedllama.flower import ARRAYS, METRICS, ReplySpec, record_bytes, to_record, validate_reply
 from fedllama.merge import SumAccumulator
-from fedllama.secagg import Layout, aggregate_locally
+from fedllama.privacy.secagg import aggregate_locally
+from fedllama.wire.layout import Layout
+from fedllama.wire.records import ARRAYS, METRICS, record_bytes, to_record
+from fedllama.wire.validate import ReplySpec, validate_reply
 from strategies.fedavg import FedAvg
 
 REPO = Path(__file__).resolve().parent.parent
@@ -166,8 +167,12 @@ def bench_e2e(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO))
     import transformers
 
-    from tests.conftest import tiny_config
-    from tests.grid import InProcessGrid, run
+    import clients.app
+    import strategies
+    from fedllama import config
+    from fedllama.server.inprocess import InProcessGrid
+    from fedllama.server.loop import run_server
+    from fedllama.server.metrics import MetricsRow
 
     os.environ["FEDLLAMA_LOG_LEVEL"] = "WARNING"  # the apps call setup_logging themselves
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -185,24 +190,28 @@ def bench_e2e(args: argparse.Namespace) -> None:
         "MB up/client: plain secagg | MB down/client: plain secagg"
     )
     for n in args.e2e_clients:
-        rows: dict[str, list[dict[str, Any]]] = {"plain": [], "secure": []}
+        rows: dict[str, list[MetricsRow]] = {"plain": [], "secure": []}
         for _ in range(args.e2e_repeats):
             for mode in rows:
                 out = Path(tempfile.mkdtemp(prefix=f"bench-secagg-{mode}-"))
-                cfg = tiny_config(
-                    cache,
-                    out / "run",
-                    "server.rounds=1",
-                    "strategy.name=rank_aware",
-                    "lora.client_ranks=[2,3,4]",
-                    f"simulation.num_clients={n}",
-                    "data.max_examples_per_institution=200",
-                    "output.plot=false",
-                    f"secagg.enabled={mode == 'secure'}",
+                cfg = config.load(
+                    REPO / "simulations" / "configs" / "tiny.yaml",
+                    [
+                        f"model.cache_dir={cache}",
+                        f"output.dir={out / 'run'}",
+                        "server.rounds=1",
+                        "strategy.name=rank_aware",
+                        "lora.client_ranks=[2,3,4]",
+                        f"simulation.num_clients={n}",
+                        "data.max_examples_per_institution=200",
+                        "output.plot=false",
+                        f"secagg.enabled={mode == 'secure'}",
+                    ],
                 )
-                rows[mode].append(run(InProcessGrid(n), cfg)[-1])
+                grid = InProcessGrid(clients.app.app, n)
+                rows[mode].append(run_server(grid, cfg, strategies.build(cfg))[-1])
                 shutil.rmtree(out)
-        p_s, s_s = ([r["seconds"] for r in rs] for rs in rows.values())
+        p_s, s_s = ([r.seconds for r in rs] for rs in rows.values())
         p, s = (rs[0] for rs in rows.values())  # bytes do not vary between repeats
         p_min, s_min, p_med, s_med = (
             min(p_s),
@@ -213,8 +222,8 @@ def bench_e2e(args: argparse.Namespace) -> None:
         print(
             f"{n:7d} | {p_min:20.2f} {s_min:6.2f} {s_min / p_min:5.2f}x | "
             f"{p_med:23.2f} {s_med:6.2f} {s_med / p_med:5.2f}x | "
-            f"{p['bytes_up'] / n / 1e6:18.4f} {s['bytes_up'] / n / 1e6:6.4f} | "
-            f"{p['bytes_down'] / n / 1e6:20.4f} {s['bytes_down'] / n / 1e6:6.4f}"
+            f"{p.bytes_up / n / 1e6:18.4f} {s.bytes_up / n / 1e6:6.4f} | "
+            f"{p.bytes_down / n / 1e6:20.4f} {s.bytes_down / n / 1e6:6.4f}"
         )
 
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedllama import secagg, setup_logging
+from fedllama.client import secagg
+from fedllama.privacy.secagg import ACTIONS
+from fedllama.runtime import setup_logging, stay_offline
 
+stay_offline()  # before transformers is imported, in the handlers
 app = ClientApp()
 
 
@@ -21,10 +24,19 @@ def train(msg: Message, context: Context) -> Message:
     # process, and secure aggregation's key, share and unmask messages need none of this (torch,
     # transformers, peft: seconds of imports per message).
     import strategies
-    from fedllama.client import NodeSettings, client_state_path, load_split, run_round
+    from fedllama.client.round import run_round
+    from fedllama.client.settings import NodeSettings, client_state_path, load_split
     from fedllama.config import from_yaml
-    from fedllama.flower import ARRAYS, CONFIG, CONFIG_YAML, METRICS, ROUND, from_record, to_record
     from fedllama.merge import residual_view
+    from fedllama.wire.records import (
+        ARRAYS,
+        CONFIG,
+        CONFIG_YAML,
+        METRICS,
+        ROUND,
+        from_record,
+        to_record,
+    )
 
     setup_logging()
     settings = msg.content.config_records[CONFIG]
@@ -54,29 +66,29 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-# Secure aggregation (fedllama.secagg): one handler per SecAgg+ stage; the round's secrets
+# Secure aggregation (fedllama.privacy.secagg): one handler per SecAgg+ stage; the round's secrets
 # live in context.state between them.
 
 
-@app.train(secagg.ACTIONS["setup"])
+@app.train(ACTIONS["setup"])
 def secagg_setup(msg: Message, context: Context) -> Message:
     """SecAgg+ stage 1: fresh key pairs for the round."""
     return secagg.client_setup(msg, context)
 
 
-@app.train(secagg.ACTIONS["share"])
+@app.train(ACTIONS["share"])
 def secagg_share(msg: Message, context: Context) -> Message:
     """SecAgg+ stage 2: Shamir shares of this node's secrets, encrypted per neighbour."""
     return secagg.client_share(msg, context)
 
 
-@app.train(secagg.ACTIONS["mask"])
+@app.train(ACTIONS["mask"])
 def secagg_mask(msg: Message, context: Context) -> Message:
     """SecAgg+ stage 3: train exactly as :func:`train`, reply with the masked encoding."""
     return secagg.client_mask(msg, context, lambda: train(msg, context))
 
 
-@app.train(secagg.ACTIONS["unmask"])
+@app.train(ACTIONS["unmask"])
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """SecAgg+ stage 4: shares for the server to remove the masks of the sum."""
     return secagg.client_unmask(msg, context)

@@ -6,14 +6,15 @@
     fedllama credentials create|node-key ...   CA, SuperLink certificate, SuperNode keys
     fedllama deploy superlink|supernode|register ...   start a deployment over gRPC (TLS + auth)
 
-The apps are loaded by the component references that ``pyproject.toml`` declares for
-``flwr run`` (``server.app:app``, ``clients.app:app``), so both paths run the same code.
+``simulate`` runs the same ServerApp and ClientApp that ``pyproject.toml`` declares for
+``flwr run`` (``server.app:app``, ``clients.app:app``). This module is the composition root: the
+one library module that imports the apps (``docs/architecture.md``), and only when a command
+needs them, so ``credentials`` and ``deploy`` start without torch or Flower's app API.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -23,22 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from fedllama import config as config_lib
-from fedllama import deploy, setup_logging
-
-SERVER_APP = "server.app:app"
-CLIENT_APP = "clients.app:app"
+from fedllama.deploy import cli as deploy_cli
+from fedllama.runtime import setup_logging, stay_offline
 
 log = logging.getLogger("fedllama.cli")
 
 
-def _load_ref(ref: str) -> Any:
-    module, attr = ref.split(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def _load_checked(args: argparse.Namespace) -> config_lib.Config:
+    from server.app import check
+
     cfg = config_lib.load(args.config, args.overrides)
-    _load_ref("server.app:check")(cfg)
+    check(cfg)
     return cfg
 
 
@@ -67,7 +63,9 @@ def simulate(cfg: config_lib.Config) -> int:
     """Run the federation on Flower's simulation engine (Ray); return a process exit code."""
     from flwr.simulation import run_simulation
 
-    from fedllama import checkpoint
+    import clients.app
+    import server.app
+    from fedllama.server import checkpoint
 
     prepare(cfg)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
@@ -85,8 +83,8 @@ def simulate(cfg: config_lib.Config) -> int:
     t0 = time.perf_counter()
     try:
         run_simulation(
-            server_app=_load_ref(SERVER_APP),
-            client_app=_load_ref(CLIENT_APP),
+            server_app=server.app.app,
+            client_app=clients.app.app,
             num_supernodes=cfg.simulation.num_clients,
             backend_config=backend_config,
         )
@@ -115,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML config, e.g. simulations/configs/demo.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. server.rounds=2")
-    deploy.add_commands(sub)  # these take no fedllama config
+    deploy_cli.add_commands(sub)  # these take no fedllama config
     args = parser.parse_args(argv)
+    stay_offline()
     setup_logging()
-    if args.command in deploy.COMMANDS:
-        return deploy.run_command(args)
+    if args.command in deploy_cli.COMMANDS:
+        return deploy_cli.run_command(args)
     try:
         cfg = _load_checked(args)
     except (config_lib.ConfigError, ValueError) as err:

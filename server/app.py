@@ -18,13 +18,14 @@ from flwr.serverapp import Grid, ServerApp
 
 import strategies
 from fedllama import config as config_lib
-from fedllama import report, setup_logging
 from fedllama.config import Config
-from fedllama.rounds import run_server
+from fedllama.experiments import report
+from fedllama.runtime import setup_logging, stay_offline
 
 APP_DIR = Path(__file__).resolve().parent.parent
 log = logging.getLogger("fedllama.server")
 
+stay_offline()  # before transformers is imported
 app = ServerApp()
 
 
@@ -75,6 +76,8 @@ def load_run_config(run_config: dict[str, object]) -> Config:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run or resume the federation described by the config."""
+    from fedllama.server.loop import run_server  # imports transformers: after stay_offline()
+
     setup_logging()
     cfg = load_run_config(dict(context.run_config))
     rows = run_server(grid, cfg, strategies.build(cfg))

@@ -5,17 +5,16 @@
 
 Each strategy runs as its own ``fedllama simulate`` process into ``OUT/<strategy>/`` (a rerun
 resumes or skips finished ones); then ``OUT/comparison.md`` and ``OUT/comparison.png`` are
-written from their ``metrics.jsonl``.
+written from their ``metrics.jsonl`` (``fedllama.experiments.compare``).
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
-from fedllama import checkpoint, config, report
+from fedllama.experiments.compare import ALL_STRATEGIES, run_strategies, write_comparison
 
 
 def main() -> int:
@@ -23,28 +22,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument(
-        "--strategies",
-        default="zero_pad,rank_aware,hetlora,ffa_lora,rolora,fedsa_lora,flexlora,flora,fedex_lora",
-    )
+    parser.add_argument("--strategies", default=",".join(ALL_STRATEGIES))
     parser.add_argument("--out", default="runs/compare")
     args = parser.parse_args()
     out = Path(args.out)
-    runs = {}
-    for name in args.strategies.split(","):
-        run_dir = out / name
-        overrides = [*args.overrides, f"strategy.name={name}", f"output.dir={run_dir}"]
-        config.load(args.config, overrides)  # fail on a bad key before any run starts
-        print(f"== {name} -> {run_dir}", flush=True)
-        cmd = [sys.executable, "-m", "fedllama.cli", "simulate", args.config, *overrides]
-        if subprocess.run(cmd).returncode != 0:
-            print(f"{name}: run failed; see its log above", file=sys.stderr)
-        runs[name] = checkpoint.read_metrics(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = report.comparison_table(runs)
-    (out / "comparison.md").write_text(table + "\n")
-    report.plot_comparison(runs, out / "comparison.png")
-    print(table)
+    runs = run_strategies(args.config, args.overrides, args.strategies.split(","), out)
+    print(write_comparison(runs, out))
     print(f"table: {out / 'comparison.md'}  plot: {out / 'comparison.png'}")
     return 0
 

@@ -10,9 +10,8 @@ from typing import ClassVar
 
 import torch
 
-from fedllama.adapters import AdapterState
 from fedllama.config import Config
-from fedllama.merge import MergeError, is_a, is_b, pad, rank_of
+from fedllama.merge import AdapterState, MergeError, is_a, is_b, pad, rank_of
 
 
 def module_of(key: str) -> str:

@@ -24,9 +24,8 @@ from typing import ClassVar
 
 import torch
 
-from fedllama.adapters import AdapterState
 from fedllama.config import Config
-from fedllama.merge import RESIDUAL, MergeError, lora_pairs, split_residual
+from fedllama.merge import RESIDUAL, AdapterState, MergeError, lora_pairs, split_residual
 from strategies._rank import SendsFactors, check_view_rank, client_weights
 
 Factors = tuple[torch.Tensor, torch.Tensor]

@@ -12,9 +12,8 @@ from typing import ClassVar
 
 import torch
 
-from fedllama.adapters import AdapterState
 from fedllama.config import Config
-from fedllama.merge import WEIGHT_KEY, MergeError, rank_of, weighted_mean
+from fedllama.merge import WEIGHT_KEY, AdapterState, MergeError, rank_of, weighted_mean
 
 
 class FedAvg:

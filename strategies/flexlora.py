@@ -26,10 +26,9 @@ from typing import ClassVar
 
 import torch
 
-from fedllama.adapters import AdapterState
 from fedllama.config import Config
-from fedllama.lowrank import product_svd, split_singular
-from fedllama.merge import MergeError, MergeStrategy, is_a, is_b, lora_pairs, rank_of
+from fedllama.merge import AdapterState, MergeError, MergeStrategy, is_a, is_b, lora_pairs, rank_of
+from fedllama.merge.lowrank import product_svd, split_singular
 from strategies._rank import SLOT_WEIGHT, SendsFactors, SlotAveraged, client_weights, module_of
 
 DENSE = "fedllama.dense."

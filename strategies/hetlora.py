@@ -19,8 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from fedllama.adapters import AdapterState
-from fedllama.merge import MergeError, is_a, is_b, lora_pairs, pad, rank_of
+from fedllama.merge import AdapterState, MergeError, is_a, is_b, lora_pairs, pad, rank_of
 from strategies._rank import SlotAveraged, module_of
 
 NORM = "fedllama.norm."

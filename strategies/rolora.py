@@ -13,8 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from fedllama.adapters import AdapterState
-from fedllama.merge import is_b
+from fedllama.merge import AdapterState, is_b
 from strategies._rank import SlotAveraged
 
 

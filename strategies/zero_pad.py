@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from fedllama.adapters import AdapterState
-from fedllama.merge import WEIGHT_KEY, weighted_mean
+from fedllama.merge import WEIGHT_KEY, AdapterState, weighted_mean
 from strategies._rank import SLOT_WEIGHT, SlotAveraged
 
 

@@ -1,17 +1,21 @@
-"""Shared fixtures: a tiny offline LLaMA config and a cache that lives for the test session."""
+"""Shared fixtures: a model cache for the session, the tiny config, processes and a loopback
+deployment that are stopped after each test. The harnesses behind them live in ``harness.py``."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fedllama import config as config_lib
-from fedllama.config import Config
+from fedllama.runtime import stay_offline
 
-REPO = Path(__file__).resolve().parent.parent
-TINY_YAML = REPO / "simulations" / "configs" / "tiny.yaml"
+stay_offline()  # before any test imports transformers
+
+from fedllama import data  # noqa: E402
+from fedllama.config import Config  # noqa: E402
+from tests.harness import Deployment, Processes, tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,13 +25,30 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(reuse) if reuse else tmp_path_factory.mktemp("fedllama-cache")
 
 
-def tiny_config(cache_dir: Path, out: Path, *overrides: str) -> Config:
-    """The tiny.yaml config pointed at a test cache and output directory."""
-    return config_lib.load(
-        TINY_YAML, [f"model.cache_dir={cache_dir}", f"output.dir={out}", *overrides]
-    )
-
-
 @pytest.fixture
 def tiny_cfg(cache_dir: Path, tmp_path: Path) -> Config:
     return tiny_config(cache_dir, tmp_path / "run")
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    """Processes a test starts; each is stopped with its descendants afterwards."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    processes = Processes(logs)
+    try:
+        yield processes
+    finally:
+        processes.stop_all()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, procs: Processes, cache_dir: Path) -> Deployment:
+    """A coordinator and institutions on loopback (nothing started yet)."""
+    # Build the shared tiny model and demo data once in the test cache (seconds, first use).
+    from fedllama import model
+
+    cfg = tiny_config(cache_dir, tmp_path / "unused")
+    model.resolve_base_dir(cfg.model)
+    data.load_pool(cfg.data, model.cache_root(cfg.model))
+    return Deployment(tmp_path / "machines", procs, cache_dir)

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedllama import adapters, model
-from fedllama.adapters import AdapterError
+from fedllama import model
 from fedllama.config import Config
+from fedllama.model import adapters
+from fedllama.model.adapters import AdapterError
 
 
 @pytest.fixture

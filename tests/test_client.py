@@ -8,11 +8,14 @@ import pytest
 import torch
 
 import strategies
-from fedllama import adapters, client, model
-from fedllama.adapters import AdapterError
-from fedllama.client import ClientSetupError, NodeSettings
+from fedllama import model
+from fedllama.client import round as client_round
+from fedllama.client import settings as client_settings
+from fedllama.client.settings import ClientSetupError, NodeSettings
 from fedllama.config import Config
 from fedllama.merge import WEIGHT_KEY
+from fedllama.model import adapters
+from fedllama.model.adapters import AdapterError
 
 
 def test_node_config_overrides_rank_device_batch_and_steps(tiny_cfg: Config) -> None:
@@ -42,27 +45,27 @@ def test_node_config_with_wrong_types_is_named() -> None:
 def test_missing_data_path_is_refused_with_its_name(tiny_cfg: Config, tmp_path: Path) -> None:
     node = NodeSettings(data_path=str(tmp_path / "site-a.jsonl"))
     with pytest.raises(ClientSetupError, match="data-path=.*site-a.jsonl.* does not exist"):
-        client.load_split(tiny_cfg, node)
+        client_settings.load_split(tiny_cfg, node)
 
 
 def test_node_without_data_is_told_how_to_give_it(tiny_cfg: Config) -> None:
     with pytest.raises(ClientSetupError, match="--node-config 'data-path="):
-        client.load_split(tiny_cfg, NodeSettings())
+        client_settings.load_split(tiny_cfg, NodeSettings())
 
 
 def test_local_data_path_is_split_into_train_and_eval(tiny_cfg: Config, tmp_path: Path) -> None:
     path = tmp_path / "site.csv"
     path.write_text("instruction,response\n" + "".join(f"q{i},a{i}\n" for i in range(20)))
-    split = client.load_split(tiny_cfg, NodeSettings(data_path=str(path)))
+    split = client_settings.load_split(tiny_cfg, NodeSettings(data_path=str(path)))
     assert len(split.train) == 18 and len(split.eval) == 2
 
 
 def test_round_replies_with_the_encoded_delta_only(tiny_cfg: Config) -> None:
     lora_model, _ = model.get_lora_model(tiny_cfg)
     view = adapters.get_adapter_state(lora_model)
-    split = client.load_split(tiny_cfg, NodeSettings(partition_id=0, num_partitions=3))
+    split = client_settings.load_split(tiny_cfg, NodeSettings(partition_id=0, num_partitions=3))
 
-    out = client.run_round(
+    out = client_round.run_round(
         tiny_cfg, strategies.build(tiny_cfg), view, split, server_round=1, client_id=0
     )
 
@@ -78,7 +81,7 @@ def test_round_replies_with_the_encoded_delta_only(tiny_cfg: Config) -> None:
 def test_local_factors_come_from_the_clients_own_state(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from fedllama.client import _with_local_state
+    from fedllama.client.round import _with_local_state
 
     a, b = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
     view = {a: torch.ones(2, 3), b: torch.zeros(3, 2)}

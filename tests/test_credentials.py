@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.cli.supernode.register import try_load_public_key
 
-from fedllama import credentials
-from fedllama.credentials import CredentialsError
+from fedllama.deploy import credentials
+from fedllama.deploy.credentials import CredentialsError
 
 
 def _mode(path: Path) -> int:

@@ -10,19 +10,13 @@ test gives every machine it plays (coordinator, institutions) its own ``HOME`` a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +26,23 @@ from flwr.app import Error, Message, RecordDict
 from flwr.common.config import parse_config_args
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedllama import credentials, data, deploy
-from fedllama.deploy import DeployError, SuperLinkSettings, SuperNodeSettings
-from fedllama.flower import SUPERLINK_NODE_ID, stream_replies
-from tests.conftest import REPO, tiny_config
-
-BIN = Path(sys.executable).parent
-SCRIPTS = REPO / "scripts"
-NODE_ID = re.compile(r"SuperNode ID: (\d+)")
-
+from fedllama.deploy import commands as deploy
+from fedllama.deploy import credentials
+from fedllama.deploy.commands import DeployError, SuperLinkSettings, SuperNodeSettings
+from fedllama.server.replies import SUPERLINK_NODE_ID, stream_replies
+from tests.harness import (
+    NODE_ID,
+    SCRIPTS,
+    Deployment,
+    Proc,
+    cmdline,
+    descendants,
+    free_port,
+    metrics_rows,
+    seed_home_cache,
+    train_size,
+    write_jsonl,
+)
 
 # --------------------------------------------------------------------------- fast checks
 
@@ -241,277 +243,6 @@ def test_stream_replies_names_dead_and_silent_nodes(caplog: pytest.LogCaptureFix
     assert "1 node(s) did not reply within server.timeout_s=0 s: 9" in caplog.text
 
 
-# --------------------------------------------------------------------------- harness
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state) for every process (from /proc)."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        table[int(entry.name)] = (int(fields[1]), fields[0])
-    return table
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in _process_table().items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pids: list[int]) -> list[int]:
-    table = _process_table()
-    return [p for p in pids if p in table and table[p][1] != "Z"]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-@dataclass
-class Proc:
-    """A process started by a test, its output in ``log``."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
-        """The first match of ``pattern`` in the output; fails if the process exits first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.text())
-            if match:
-                return match
-            if self.popen.poll() is not None:
-                pytest.fail(
-                    f"{self.name} exited ({self.popen.returncode}) before {pattern!r}:\n"
-                    f"{self.text()[-3000:]}"
-                )
-            if time.monotonic() > deadline:
-                pytest.fail(f"{self.name}: no {pattern!r} in {timeout} s:\n{self.text()[-3000:]}")
-            time.sleep(0.2)
-
-    def wait_exit(self, timeout: float) -> int:
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{self.name} still running after {timeout} s:\n{self.text()[-3000:]}")
-
-
-@dataclass
-class Processes:
-    """Starts processes in their own session; kills them with all their descendants."""
-
-    logs: Path
-    started: list[Proc] = field(default_factory=list)
-
-    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> Proc:
-        log = self.logs / f"{len(self.started):02d}-{name}.log"
-        with open(log, "wb") as out:
-            popen = subprocess.Popen(
-                cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        proc = Proc(name, popen, log)
-        self.started.append(proc)
-        return proc
-
-    def kill(self, proc: Proc, sig: int = signal.SIGKILL, grace: float = 10.0) -> None:
-        """Signal ``proc``, its process group and every descendant; SIGKILL what survives."""
-        pids = [proc.popen.pid, *_descendants(proc.popen.pid)]
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.popen.pid, sig)
-        deadline = time.monotonic() + grace
-        while _alive(pids) and time.monotonic() < deadline:
-            proc.popen.poll()  # reap our own child
-            time.sleep(0.1)
-        for pid in _alive(pids):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.popen.wait(10)
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.started):
-            self.kill(proc, signal.SIGTERM)
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    processes = Processes(logs)
-    try:
-        yield processes
-    finally:
-        processes.stop_all()
-
-
-def _write_jsonl(path: Path, topic: str, rows: int) -> Path:
-    """Instruction/response pairs in the format fedllama.data reads."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        for i in range(rows):
-            row = {
-                "instruction": f"{topic}: what is item {i}?",
-                "response": f"Item {i} of {topic}.",
-            }
-            fh.write(json.dumps(row) + "\n")
-    return path
-
-
-def _train_size(path: Path) -> int:
-    """Examples a node trains on (the ClientApp's own split of its file)."""
-    return len(data.split_train_eval(data.read_local(path), 0.1, "node-0").train)
-
-
-@dataclass
-class Deployment:
-    """A coordinator and institutions on loopback, each in its own home directory."""
-
-    root: Path
-    procs: Processes
-    cache: Path
-    creds: credentials.CredentialPaths = field(init=False)
-    fleet_port: int = field(default_factory=_free_port)
-    control_port: int = field(default_factory=_free_port)
-    superlink: Proc | None = None
-    nodes: dict[str, Proc] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.creds = credentials.create(
-            self.root / "coordinator" / "credentials",
-            ["localhost"],
-            ["hospital-a", "hospital-b", "intruder"],
-        )
-
-    def home(self, who: str) -> Path:
-        home = self.root / who
-        (home / ".flwr").mkdir(parents=True, exist_ok=True)
-        return home
-
-    def env(self, who: str) -> dict[str, str]:
-        home = self.home(who)
-        return {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-            "HOME": str(home),
-            "FLWR_HOME": str(home / ".flwr"),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
-            "MPLCONFIGDIR": str(self.cache / "matplotlib"),
-            "PYTHONUNBUFFERED": "1",
-        }
-
-    def start_superlink(self) -> Proc:
-        cmd = [str(SCRIPTS / "start-superlink.sh"), "--credentials", str(self.creds.ca_cert.parent)]
-        cmd += ["--fleet-address", f"127.0.0.1:{self.fleet_port}"]
-        cmd += ["--control-port", str(self.control_port)]
-        self.superlink = self.procs.start("superlink", cmd, self.env("coordinator"))
-        self.superlink.wait_for(r"Fleet API \(gRPC-rere\) on", 120)
-        self.superlink.wait_for(r"Uvicorn running on https://127\.0\.0\.1", 120)
-        return self.superlink
-
-    def register(self, *names: str) -> dict[str, int]:
-        keys = [str(self.creds.nodes[n].public_key) for n in names]
-        proc = subprocess.run(
-            [str(BIN / "fedllama"), "deploy", "register", *keys],
-            env=self.env("coordinator"),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        ids = dict(re.findall(r"registered .*/(\S+)\.pub as node (\d+)", proc.stdout))
-        return {name: int(ids[name]) for name in names}
-
-    def supernode_cmd(
-        self, name: str, data_path: Path, rank: int, *extra: str, key: str | None = None
-    ) -> list[str]:
-        cmd = [str(SCRIPTS / "start-supernode.sh"), "--superlink", f"127.0.0.1:{self.fleet_port}"]
-        cmd += ["--ca", str(self.creds.ca_cert)]
-        cmd += ["--key", str(self.creds.nodes[key or name].private_key)]
-        cmd += ["--data-path", str(data_path), "--lora-rank", str(rank)]
-        cmd += ["--port", str(_free_port()), *extra]
-        return cmd
-
-    def start_supernode(self, name: str, data_path: Path, rank: int, *extra: str) -> int:
-        """Start institution ``name``'s SuperNode; return its node id once connected."""
-        proc = self.procs.start(
-            name, self.supernode_cmd(name, data_path, rank, *extra), self.env(name)
-        )
-        self.nodes[name] = proc
-        return int(proc.wait_for(NODE_ID, 120).group(1))
-
-    def run_cmd(self, *overrides: str) -> list[str]:
-        run_config = f'config="simulations/configs/tiny.yaml" overrides="{" ".join(overrides)}"'
-        return [str(BIN / "flwr"), "run", ".", "fedllama", "--run-config", run_config, "--stream"]
-
-    def flwr_run(self, *overrides: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.run_cmd(*overrides),
-            cwd=REPO,
-            env=self.env("coordinator"),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-
-@pytest.fixture
-def deployment(tmp_path: Path, procs: Processes, cache_dir: Path) -> Deployment:
-    # Build the shared tiny model and demo data once in the test cache (seconds, first use).
-    from fedllama import model
-
-    cfg = tiny_config(cache_dir, tmp_path / "unused")
-    model.resolve_base_dir(cfg.model)
-    data.load_pool(cfg.data, model.cache_root(cfg.model))
-    return Deployment(tmp_path / "machines", procs, cache_dir)
-
-
-def _rows(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _seed_home_cache(dep: Deployment, who: str) -> None:
-    """Give a machine its own model cache, with the tiny base but no quantized copy yet."""
-    target = dep.home(who) / ".cache" / "fedllama"
-    shutil.copytree(
-        dep.cache,
-        target,
-        ignore=shutil.ignore_patterns(
-            "quantized", "client-state", "smollm2-135m-instruct", ".*", "matplotlib"
-        ),
-    )
-
-
 BASE_LOAD = re.compile(r"base model loaded in ([\d.]+) s \(([^)]*)\)")
 
 
@@ -524,9 +255,9 @@ def test_two_institutions_train_over_tls_with_their_own_ranks_and_data(
 ) -> None:
     dep = deployment
     for who in ("coordinator", "hospital-a", "hospital-b"):
-        _seed_home_cache(dep, who)
-    data_a = _write_jsonl(dep.home("hospital-a") / "data" / "icd.jsonl", "ICD codes", 30)
-    data_b = _write_jsonl(dep.home("hospital-b") / "data" / "hpo.jsonl", "phenotypes", 50)
+        seed_home_cache(dep, who)
+    data_a = write_jsonl(dep.home("hospital-a") / "data" / "icd.jsonl", "ICD codes", 30)
+    data_b = write_jsonl(dep.home("hospital-b") / "data" / "hpo.jsonl", "phenotypes", 50)
     out = dep.root / "coordinator" / "run"
     dep.start_superlink()
     ids = dep.register("hospital-a", "hospital-b")
@@ -542,15 +273,15 @@ def test_two_institutions_train_over_tls_with_their_own_ranks_and_data(
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
     assert (node_a, node_b) == (ids["hospital-a"], ids["hospital-b"])
-    rows = _rows(out)
+    rows = metrics_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
         clients = {c["node"]: c for c in row["clients"]}
         assert row["clients_ok"] == 2
         assert {n: c["lora-rank"] for n, c in clients.items()} == {node_a: 2, node_b: 4}
         assert {n: c["num-examples"] for n, c in clients.items()} == {
-            node_a: _train_size(data_a),
-            node_b: _train_size(data_b),
+            node_a: train_size(data_a),
+            node_b: train_size(data_b),
         }
     adapter = out / "round-002"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
@@ -581,7 +312,7 @@ def _assert_peft_loads(adapter: Path) -> None:
 @pytest.mark.slow
 def test_supernode_with_an_unregistered_key_is_rejected(deployment: Deployment) -> None:
     dep = deployment
-    data_path = _write_jsonl(dep.home("intruder") / "d.jsonl", "x", 10)
+    data_path = write_jsonl(dep.home("intruder") / "d.jsonl", "x", 10)
     dep.start_superlink()
     dep.register("hospital-a")  # the intruder's key is never registered
 
@@ -601,7 +332,7 @@ def test_supernode_without_the_deployments_ca_cannot_connect(
     deployment: Deployment, tmp_path: Path
 ) -> None:
     dep = deployment
-    data_path = _write_jsonl(dep.home("hospital-a") / "d.jsonl", "x", 10)
+    data_path = write_jsonl(dep.home("hospital-a") / "d.jsonl", "x", 10)
     foreign = credentials.create(tmp_path / "foreign", ["localhost"])  # another CA
     dep.start_superlink()
     dep.register("hospital-a")
@@ -618,11 +349,11 @@ def test_supernode_without_the_deployments_ca_cannot_connect(
 @pytest.mark.slow
 def test_insecure_supernode_is_refused_by_the_tls_superlink(deployment: Deployment) -> None:
     dep = deployment
-    data_path = _write_jsonl(dep.home("hospital-a") / "d.jsonl", "x", 10)
+    data_path = write_jsonl(dep.home("hospital-a") / "d.jsonl", "x", 10)
     dep.start_superlink()
     cmd = [str(SCRIPTS / "start-supernode.sh"), "--superlink", f"127.0.0.1:{dep.fleet_port}"]
     cmd += ["--data-path", str(data_path), "--insecure-local-test", "--max-retries", "0"]
-    cmd += ["--port", str(_free_port())]
+    cmd += ["--port", str(free_port())]
 
     node = dep.procs.start("insecure", cmd, dep.env("hospital-a"))
 
@@ -636,7 +367,7 @@ def test_clientapp_refuses_a_data_path_that_disappeared_naming_it(
     deployment: Deployment,
 ) -> None:
     dep = deployment
-    data_path = _write_jsonl(dep.home("hospital-a") / "data" / "icd.jsonl", "ICD", 20)
+    data_path = write_jsonl(dep.home("hospital-a") / "data" / "icd.jsonl", "ICD", 20)
     dep.start_superlink()
     dep.register("hospital-a")
     node = dep.start_supernode("hospital-a", data_path, 2)
@@ -661,8 +392,8 @@ def test_clientapp_refuses_a_data_path_that_disappeared_naming_it(
 @pytest.mark.slow
 def test_killed_supernode_round_completes_and_the_node_rejoins(deployment: Deployment) -> None:
     dep = deployment
-    data_a = _write_jsonl(dep.home("hospital-a") / "a.jsonl", "ICD", 20)
-    data_b = _write_jsonl(dep.home("hospital-b") / "b.jsonl", "HPO", 20)
+    data_a = write_jsonl(dep.home("hospital-a") / "a.jsonl", "ICD", 20)
+    data_b = write_jsonl(dep.home("hospital-b") / "b.jsonl", "HPO", 20)
     out = dep.root / "run"
     dep.start_superlink()
     dep.register("hospital-a", "hospital-b")
@@ -691,7 +422,7 @@ def test_killed_supernode_round_completes_and_the_node_rejoins(deployment: Deplo
 
     assert run.wait_exit(400) == 0, run.text()[-4000:]
     log = run.text()
-    rows = _rows(out)
+    rows = metrics_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert [c["node"] for c in rows[1]["clients"]] == [node_a]
     assert (rows[1]["clients_ok"], rows[1]["clients_dropped"]) == (1, 1)
@@ -709,14 +440,14 @@ def test_killed_supernode_round_completes_and_the_node_rejoins(deployment: Deplo
 
 
 def _serverapp_pids(superlink: Proc) -> list[int]:
-    return [p for p in _descendants(superlink.popen.pid) if "flwr-serverapp" in _cmdline(p)]
+    return [p for p in descendants(superlink.popen.pid) if "flwr-serverapp" in cmdline(p)]
 
 
 @pytest.mark.slow
 def test_killed_serverapp_resumes_after_the_last_completed_round(deployment: Deployment) -> None:
     dep = deployment
-    data_a = _write_jsonl(dep.home("hospital-a") / "a.jsonl", "ICD", 20)
-    data_b = _write_jsonl(dep.home("hospital-b") / "b.jsonl", "HPO", 20)
+    data_a = write_jsonl(dep.home("hospital-a") / "a.jsonl", "ICD", 20)
+    data_b = write_jsonl(dep.home("hospital-b") / "b.jsonl", "HPO", 20)
     out = dep.root / "run"
     overrides = (
         f"model.cache_dir={dep.cache} output.dir={out} server.rounds=2",
@@ -729,17 +460,17 @@ def test_killed_serverapp_resumes_after_the_last_completed_round(deployment: Dep
     first = dep.procs.start("flwr-run-1", dep.run_cmd(*overrides), dep.env("coordinator"))
     first.wait_for(r"round 1/2 done", 240)
     serverapps = _serverapp_pids(superlink)
-    assert len(serverapps) == 1, [_cmdline(p) for p in _descendants(superlink.popen.pid)]
+    assert len(serverapps) == 1, [cmdline(p) for p in descendants(superlink.popen.pid)]
 
     os.kill(serverapps[0], signal.SIGKILL)  # the coordinator's ServerApp crashes
     dep.procs.kill(first, signal.SIGTERM)  # its `flwr run --stream` has nothing left to show
-    done_before = max(r["round"] for r in _rows(out))
+    done_before = max(r["round"] for r in metrics_rows(out))
     second = dep.flwr_run(*overrides)
 
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-4000:]
     assert f"resuming {out} after round {done_before}" in log
-    rows = _rows(out)
+    rows = metrics_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["clients_ok"] == 2 for r in rows[1:])
     assert (out / "round-002" / "adapter_model.safetensors").is_file()

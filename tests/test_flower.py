@@ -9,17 +9,10 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
-from fedllama.flower import (
-    ARRAYS,
-    METRICS,
-    FedLlamaStrategy,
-    ReplyError,
-    ReplySpec,
-    from_record,
-    to_record,
-    validate_reply,
-)
 from fedllama.merge import WEIGHT_KEY
+from fedllama.server.strategy import FedLlamaStrategy
+from fedllama.wire.records import ARRAYS, METRICS, from_record, to_record
+from fedllama.wire.validate import ReplyError, ReplySpec, validate_reply
 from strategies.fedavg import FedAvg
 
 A = "base_model.model.layer.q_proj.lora_A.weight"

@@ -3,50 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop_processes_mentioning(marker: str) -> None:
-    """Stop the detached local SuperLink `flwr run` leaves behind (found by its FLWR_HOME)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if marker in cmdline:
-            os.kill(int(proc.name), signal.SIGTERM)
-
-
-def local_flwr_env(home: Path) -> dict[str, str]:
-    """Environment for ``flwr run`` with a local simulation: its own FLWR_HOME and free ports
-    (the detached local SuperLink is otherwise shared), no dependency installs, no update
-    check."""
-    return {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "FLWR_HOME": str(home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-    }
+from tests.harness import REPO, local_flwr_env, stop_processes_mentioning
 
 
 @pytest.mark.slow
@@ -65,7 +27,7 @@ def test_flwr_run_runs_the_declared_apps(cache_dir: Path, tmp_path: Path) -> Non
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:
-        _stop_processes_mentioning(str(home))
+        stop_processes_mentioning(str(home))
 
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedllama import adapters, data, model, train
+from fedllama import data, model
 from fedllama.config import Config, ModelConfig
-from fedllama.model import ModelError
+from fedllama.model import ModelError, adapters, train
 
 
 def test_tiny_model_is_a_small_llama_with_a_chat_tokenizer(tiny_cfg: Config) -> None:
@@ -98,7 +98,7 @@ def test_quantized_base_is_cached_on_disk_and_reused(nf4_cfg: Config, monkeypatc
     assert len(cached) == 1 and (cached[0] / "config.json").is_file()
 
     calls = []
-    monkeypatch.setattr(model, "_bnb_config", lambda dtype: calls.append(dtype))
+    monkeypatch.setattr(model.base, "_bnb_config", lambda dtype: calls.append(dtype))
     reloaded = model.load_base(nf4_cfg.model)
 
     assert calls == [], "a cached NF4 base is loaded, not quantized again"

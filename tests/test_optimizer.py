@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedllama import adapters, config
+from fedllama import config
 from fedllama.config import ConfigError
-from fedllama.optimizer import ServerAdaptive, ServerAvgM, ServerSGD, build_server_optimizer
-from tests.conftest import tiny_config
-from tests.grid import InProcessGrid
-from tests.grid import run as _run
+from fedllama.merge.optimizer import ServerAdaptive, ServerAvgM, ServerSGD, build_server_optimizer
+from fedllama.model import adapters
+from tests.harness import InProcessGrid, tiny_config
+from tests.harness import run as _run
 
 K = "w"
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedllama import report
+from fedllama.experiments import report
+from fedllama.server.metrics import MetricsRow
 
 _KEYS = ("round", "eval_loss", "train_loss", "bytes_up", "bytes_down", "seconds", "clients_ok")
 ROWS = [
-    dict(zip(_KEYS, (0, 3.0, None, 0, 0, 1.0, 0), strict=True)),
-    {**dict(zip(_KEYS, (1, 2.5, 2.8, 4e6, 4e6, 10.0, 2), strict=True)), "client_eval_loss": 2.6},
-    {**dict(zip(_KEYS, (2, 2.0, 2.2, 2e6, 4e6, 20.0, 1), strict=True)), "client_eval_loss": 1.9},
+    MetricsRow(**dict(zip(_KEYS, (0, 3.0, None, 0, 0, 1.0, 0), strict=True))),
+    MetricsRow(
+        **dict(zip(_KEYS, (1, 2.5, 2.8, 4e6, 4e6, 10.0, 2), strict=True)), client_eval_loss=2.6
+    ),
+    MetricsRow(
+        **dict(zip(_KEYS, (2, 2.0, 2.2, 2e6, 4e6, 20.0, 1), strict=True)), client_eval_loss=1.9
+    ),
 ]
 
 

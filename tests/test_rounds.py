@@ -10,13 +10,13 @@ import pytest
 import torch
 from flwr.app import Array, Message
 
-from fedllama import adapters, checkpoint
 from fedllama.config import ConfigError
-from fedllama.flower import ARRAYS
-from fedllama.rounds import RoundFailed
-from tests.conftest import tiny_config
-from tests.grid import InProcessGrid
-from tests.grid import run as _run
+from fedllama.model import adapters
+from fedllama.server import checkpoint
+from fedllama.server.loop import RoundFailed
+from fedllama.wire.records import ARRAYS
+from tests.harness import InProcessGrid, tiny_config
+from tests.harness import run as _run
 
 REQUIRED = {"round", "eval_loss", "train_loss", "bytes_up", "bytes_down", "seconds"}
 

@@ -15,18 +15,17 @@ import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 from flwr.common.serde import config_record_from_proto, config_record_to_proto
 
 import strategies
-from fedllama import adapters, checkpoint, cli, secagg
+from fedllama import cli
 from fedllama import config as config_lib
 from fedllama.config import ConfigError, SecAggConfig
-from fedllama.flower import ARRAYS, from_record
 from fedllama.merge import SumAccumulator, frozen_key
-from fedllama.rounds import RoundFailed
-from fedllama.secagg import (
-    Layout,
+from fedllama.model import adapters
+from fedllama.privacy import secagg
+from fedllama.privacy.secagg import (
     Params,
     Quantizer,
     SecAggAbort,
@@ -35,18 +34,22 @@ from fedllama.secagg import (
     SecAggServer,
     aggregate_locally,
 )
+from fedllama.server import checkpoint
+from fedllama.server.loop import RoundFailed
+from fedllama.wire.layout import Layout
+from fedllama.wire.records import ARRAYS, from_record
 from server.app import check
-from tests.conftest import REPO, TINY_YAML, tiny_config
-from tests.grid import InProcessGrid
-from tests.grid import run as _run
-from tests.test_deploy import (  # noqa: F401  (deployment and procs are fixtures)
+from tests.harness import (
+    REPO,
+    TINY_YAML,
     Deployment,
-    _rows,
-    _seed_home_cache,
-    _write_jsonl,
-    deployment,
-    procs,
+    InProcessGrid,
+    metrics_rows,
+    seed_home_cache,
+    tiny_config,
+    write_jsonl,
 )
+from tests.harness import run as _run
 
 ON = SecAggConfig(enabled=True)
 STEP = Quantizer(ON.clip_range, ON.quantization_bits).step  # 1e6 / (2^47 - 1) ≈ 7.1e-9
@@ -393,7 +396,7 @@ def test_client_state_survives_a_round_trip_through_flowers_config_record() -> N
     client = clients[1][0]
     client.share(server.share_requests()[1])
 
-    wire = config_record_from_proto(config_record_to_proto(client.to_record()))
+    wire = config_record_from_proto(config_record_to_proto(ConfigRecord(client.to_record())))
     again = SecAggClient.from_record(wire)
 
     assert again == client
@@ -663,7 +666,7 @@ def test_simulate_with_secagg_and_mixed_ranks(cache_dir: Path, tmp_path: Path) -
 def test_flwr_run_with_secagg_keeps_client_secrets_across_messages(
     cache_dir: Path, tmp_path: Path
 ) -> None:
-    from tests.test_flwr_run import _stop_processes_mentioning, local_flwr_env
+    from tests.harness import local_flwr_env, stop_processes_mentioning
 
     home = tmp_path / "flwr-home"
     home.mkdir()
@@ -682,7 +685,7 @@ def test_flwr_run_with_secagg_keeps_client_secrets_across_messages(
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     finally:
-        _stop_processes_mentioning(str(home))
+        stop_processes_mentioning(str(home))
 
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -692,13 +695,13 @@ def test_flwr_run_with_secagg_keeps_client_secrets_across_messages(
 
 @pytest.mark.slow
 def test_secagg_over_tls_superlink_and_supernodes_with_a_process_per_message(
-    deployment: Deployment,  # noqa: F811  (tests.test_deploy's fixture)
+    deployment: Deployment,
 ) -> None:
     dep = deployment
     for who in ("coordinator", "hospital-a", "hospital-b"):
-        _seed_home_cache(dep, who)
-    data_a = _write_jsonl(dep.home("hospital-a") / "data" / "icd.jsonl", "ICD codes", 30)
-    data_b = _write_jsonl(dep.home("hospital-b") / "data" / "hpo.jsonl", "phenotypes", 50)
+        seed_home_cache(dep, who)
+    data_a = write_jsonl(dep.home("hospital-a") / "data" / "icd.jsonl", "ICD codes", 30)
+    data_b = write_jsonl(dep.home("hospital-b") / "data" / "hpo.jsonl", "phenotypes", 50)
     out = dep.root / "coordinator" / "run"
     dep.start_superlink()
     dep.register("hospital-a", "hospital-b")
@@ -712,7 +715,7 @@ def test_secagg_over_tls_superlink_and_supernodes_with_a_process_per_message(
     )
 
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    row = _rows(out)[-1]
+    row = metrics_rows(out)[-1]
     assert row["clients_ok"] == 2
     assert all(s["ok"] == 2 for s in row["secagg"]["stages"].values())
     for name in ("hospital-a", "hospital-b"):

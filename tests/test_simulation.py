@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_YAML
+from tests.harness import REPO, TINY_YAML
 
 
 @pytest.mark.slow

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import strategies
-from fedllama import adapters, config
-from fedllama.client import NodeSettings, client_state_path
-from fedllama.lowrank import compress
+from fedllama import config
+from fedllama.client.settings import NodeSettings, client_state_path
 from fedllama.merge import (
     RESIDUAL,
     MergeError,
@@ -24,10 +23,11 @@ from fedllama.merge import (
     split_residual,
     with_prefix,
 )
-from fedllama.optimizer import ServerSGD
-from fedllama.rounds import apply_delta
-from tests.conftest import tiny_config
-from tests.grid import InProcessGrid, run
+from fedllama.merge.lowrank import compress
+from fedllama.merge.optimizer import ServerSGD
+from fedllama.merge.update import apply_delta
+from fedllama.model import adapters
+from tests.harness import InProcessGrid, run, tiny_config
 
 A = "base_model.model.layers.0.q_proj.lora_A.weight"  # (r, in=2)
 B = "base_model.model.layers.0.q_proj.lora_B.weight"  # (out=2, r)

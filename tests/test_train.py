@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedllama import adapters, data, model, train
+from fedllama import data, model
 from fedllama.config import Config, TrainConfig
+from fedllama.model import adapters, train
 
 
 @pytest.fixture

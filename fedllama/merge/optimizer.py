@@ -19,8 +19,8 @@ from typing import Protocol
 
 import torch
 
-from fedllama.adapters import AdapterState
 from fedllama.config import ServerConfig
+from fedllama.merge.interface import AdapterState
 
 
 class ServerOptimizer(Protocol):

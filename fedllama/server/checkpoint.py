@@ -18,22 +18,27 @@ leaves a half-written round that resume would trust.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from safetensors.torch import load_file, save_file
 
-from fedllama import adapters
-from fedllama.adapters import AdapterState
 from fedllama.config import Config, ConfigError, from_yaml, to_yaml
+from fedllama.merge import (
+    AdapterState,
+    MergeStrategy,
+    ResidualMergeStrategy,
+    rank_of,
+    residual_view,
+    with_residual,
+)
+from fedllama.model import adapters
 
 SERVER_STATE = "server_state.safetensors"
 OPTIMIZER_STATE = "optimizer_state.safetensors"
-METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 _ROUND_DIR = re.compile(r"^round-(\d{3,})$")
 
@@ -119,21 +124,25 @@ def write_config(out: Path, cfg: Config) -> None:
     (out / CONFIG).write_text(to_yaml(cfg))
 
 
-def read_metrics(out: Path) -> list[dict[str, Any]]:
-    """Every row of ``metrics.jsonl`` (empty when absent)."""
-    path = out / METRICS
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def round_adapters(
+    cfg: Config, merge: MergeStrategy, global_state: AdapterState
+) -> list[tuple[int, AdapterState, dict[str, Any]]]:
+    """The PEFT adapters a round directory holds: (client rank, weights, LoraConfig kwargs),
+    at ``lora.r`` first, then at every other rank of ``lora.client_ranks``.
 
-
-def truncate_metrics(out: Path, upto: int) -> None:
-    """Keep only rows of rounds ``<= upto`` (rounds after the last saved one are redone)."""
-    rows = [r for r in read_metrics(out) if int(r["round"]) <= upto]
-    (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def append_metrics(out: Path, row: dict[str, Any]) -> None:
-    """Append one round's row."""
-    with (out / METRICS).open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    With a residual (exact strategies) the residual and the view are folded into one adapter
+    at peft scale 1 (``merge.with_residual``), so that one ``PeftModel.from_pretrained`` gives
+    the whole global model.
+    """
+    out = []
+    for rank in [cfg.lora.r, *sorted(set(cfg.lora.client_ranks) - {cfg.lora.r})]:
+        view = merge.client_view(global_state, rank)
+        residual = residual_view(merge, global_state, rank)
+        if not residual:
+            out.append((rank, view, cfg.lora.at_rank(rank).peft_kwargs()))
+            continue
+        scale = cast(ResidualMergeStrategy, merge).scale
+        folded = with_residual(view, residual, scale)
+        width = rank_of(folded)
+        out.append((rank, folded, {**cfg.lora.peft_kwargs(), "r": width, "lora_alpha": width}))
+    return out

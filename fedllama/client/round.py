@@ -1,0 +1,115 @@
+"""One client round, independent of Flower: load the view, train, return the encoded delta.
+
+``clients/app.py`` turns Flower messages into a call of :func:`run_round` and back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedllama import data, model
+from fedllama.config import Config
+from fedllama.merge import AdapterState, MergeStrategy, frozen_key
+from fedllama.model import adapters, train
+
+log = logging.getLogger(__name__)
+
+
+def _with_local_state(
+    view: AdapterState, local: frozenset[str], state_path: Path | None
+) -> AdapterState:
+    """The view with this client's own saved copy of its local factors, when it has one."""
+    if not local or state_path is None or not state_path.is_file():
+        return view
+    saved = load_file(str(state_path))
+    mine = {k: v for k, v in view.items() if frozen_key(k, local)}
+    adapters.check_compatible(mine, saved, f"client state {state_path}")
+    return {**view, **saved}
+
+
+def _save_local_state(trained: AdapterState, local: frozenset[str], state_path: Path) -> None:
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in trained.items() if frozen_key(k, local)}, str(tmp))
+    tmp.replace(state_path)
+
+
+@dataclass
+class RoundOutput:
+    """A client's reply: the encoded delta and its metrics."""
+
+    encoded: AdapterState
+    metrics: dict[str, float | int]
+
+
+def run_round(
+    cfg: Config,
+    merge: MergeStrategy,
+    view: AdapterState,
+    split: data.Split,
+    server_round: int,
+    client_id: int,
+    rank: int | None = None,
+    state_path: Path | None = None,
+    residual: AdapterState | None = None,
+) -> RoundOutput:
+    """Train from ``view`` (at LoRA rank ``rank``, default ``lora.r``) on ``split.train`` and
+    encode the delta (trained - view) of the factors the strategy trains and shares this round.
+
+    Factors the strategy keeps local (``merge.local``) are read from and written back to
+    ``state_path``, so they survive rounds and restarts of the client. ``residual`` (exact
+    strategies: ``merge.residual_view``) is installed as a frozen second adapter.
+    """
+    rank = cfg.lora.r if rank is None else rank
+    lora_model, tok = model.get_lora_model(replace(cfg, lora=cfg.lora.at_rank(rank)))
+    model.set_residual(lora_model, residual or {}, cfg)
+    view = _with_local_state(view, merge.local, state_path)
+    adapters.set_adapter_state(lora_model, view)
+    frozen = merge.frozen(server_round)
+    model.set_frozen(lora_model, frozen)
+    eval_set = data.encode_all(tok, split.eval[: cfg.train.client_eval_size], cfg.data)
+    seed = cfg.data.seed + 1000 * server_round + client_id  # differs by round and client
+    result = _train(cfg, lora_model, tok, split, seed, f"client {client_id} round {server_round}")
+    trained = adapters.get_adapter_state(lora_model)
+    unsent = frozen | merge.local
+    delta = {k: v for k, v in adapters.subtract(trained, view).items() if not frozen_key(k, unsent)}
+    if merge.local and state_path is not None:
+        _save_local_state(trained, merge.local, state_path)
+    metrics: dict[str, float | int] = {
+        "num-examples": result.num_examples,
+        "train-loss": result.train_loss,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "tokens": result.tokens,
+        "lora-rank": rank,
+        "client-id": client_id,
+    }
+    if eval_set:
+        pad_id = int(tok.pad_token_id)
+        batch = cfg.train.eval_batch_size
+        metrics["client-eval-loss"] = train.evaluate(lora_model, eval_set, batch, pad_id)
+    return RoundOutput(
+        encoded=merge.encode(delta, float(result.num_examples), view), metrics=metrics
+    )
+
+
+def _train(
+    cfg: Config, lora_model: Any, tok: Any, split: data.Split, seed: int, who: str
+) -> train.TrainResult:
+    """``train.local_steps`` steps on the split's training examples, progress logged."""
+    train_set = data.encode_all(tok, split.train, cfg.data)
+    torch.manual_seed(seed)
+
+    def progress(step: int, loss: float) -> None:
+        log.info("%s: step %d/%d loss %.4f", who, step, cfg.train.local_steps, loss)
+
+    pad_id = int(tok.pad_token_id)
+    return train.train_local(
+        lora_model, train_set, cfg.train, pad_id=pad_id, seed=seed, progress=progress
+    )

@@ -1,0 +1,141 @@
+"""Flower glue for the client's SecAgg+ stages: messages <-> :class:`SecAggClient` calls.
+
+The round's secrets live in ``context.state`` between messages (in a deployment every message
+starts a fresh ClientApp process; the SuperNode keeps the context on the node).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+
+from fedllama.privacy.secagg.client import SecAggClient
+from fedllama.privacy.secagg.messages import (
+    CLIPPED,
+    MASKED,
+    SECAGG,
+    STATE,
+    keys_reply,
+    shares_reply,
+    unmask_reply,
+)
+from fedllama.privacy.secagg.params import Params, SecAggError, get_field, get_ids, get_pairs
+from fedllama.wire.layout import Layout
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+
+def _request(msg: Message) -> ConfigRecord:
+    rec = msg.content.config_records.get(SECAGG)
+    if rec is None:
+        raise SecAggError(f"the message has no ConfigRecord {SECAGG!r}")
+    return rec
+
+
+def _reply(msg: Message, fields: dict[str, Any]) -> Message:
+    return Message(RecordDict({SECAGG: ConfigRecord(fields)}), reply_to=msg)
+
+
+def _load(context: Context) -> SecAggClient:
+    rec = context.state.config_records.get(STATE)
+    if rec is None:
+        raise SecAggError("no secure-aggregation round in progress on this node (no setup)")
+    return SecAggClient.from_record(rec)
+
+
+def _store(context: Context, client: SecAggClient) -> None:
+    context.state.config_records[STATE] = ConfigRecord(client.to_record())
+
+
+def _round_of(client: SecAggClient, rec: Mapping[str, Any]) -> None:
+    server_round = get_field(rec, "round", int)
+    if server_round != client.params.server_round:
+        raise SecAggError(
+            f"node {client.node}: request for round {server_round}, but its secure-aggregation "
+            f"state is for round {client.params.server_round}"
+        )
+
+
+def client_setup(msg: Message, context: Context) -> Message:
+    """Stage 1 on a client: fresh keys for the round (any earlier round's state is replaced)."""
+    params = Params.from_record(_request(msg))
+    client, (pk_enc, pk_mask) = SecAggClient.setup(msg.metadata.dst_node_id, params)
+    _store(context, client)
+    return _reply(msg, keys_reply(pk_enc, pk_mask))
+
+
+def client_share(msg: Message, context: Context) -> Message:
+    """Stage 2 on a client: encrypted shares for each neighbour."""
+    rec = _request(msg)
+    client = _load(context)
+    _round_of(client, rec)
+    enc, mask = get_pairs(rec, "key-ids", "pk-enc"), get_pairs(rec, "key-ids", "pk-mask")
+    ciphertexts, commitment = client.share({n: (enc[n], mask[n]) for n in enc})
+    _store(context, client)
+    return _reply(msg, shares_reply(ciphertexts, commitment))
+
+
+def client_mask(msg: Message, context: Context, train: Callable[[], Message]) -> Message:
+    """Stage 3 on a client: check the routed shares, run the plain train handler, mask its
+    encoding.
+
+    ``train()`` is the ClientApp's ordinary train handler on this message (which carries the
+    global state and train config as a plain train message does), so secure aggregation trains
+    exactly as the plain path; like Flower's ``secaggplus_mod``, this only wraps it. The reply
+    carries the masked vector and the plain reply's metrics (with the number of clipped
+    values), never the encoding itself.
+    """
+    from fedllama.wire.records import ARRAYS, METRICS
+
+    rec = _request(msg)
+    client = _load(context)
+    _round_of(client, rec)
+    client.receive(get_pairs(rec, "src", "ciphertexts"))  # fail before training, not after
+    plain = train()
+    if plain.has_error():
+        return plain
+    arrays = plain.content.array_records[ARRAYS]
+    layout = Layout.of({k: tuple(a.shape) for k, a in arrays.items()})
+    if layout.digest() != get_field(rec, "layout", bytes):
+        raise SecAggError(
+            f"node {client.node}: its encoding's keys/shapes differ from the server's "
+            f"({len(layout.shapes)} keys, {layout.size} values)"
+        )
+    masked, clipped = client.mask(layout.flatten({k: a.numpy() for k, a in arrays.items()}))
+    _store(context, client)
+    if clipped:
+        log.warning(
+            "node %d: %d encoded values clipped to ±%g (secagg.clip_range)",
+            client.node,
+            clipped,
+            client.params.clip_range,
+        )
+    metrics = MetricRecord({**plain.content.metric_records[METRICS], CLIPPED: clipped})
+    content = RecordDict({MASKED: ArrayRecord({MASKED: Array(masked)}), METRICS: metrics})
+    return Message(content, reply_to=msg)
+
+
+def client_unmask(msg: Message, context: Context) -> Message:
+    """Stage 4 on a client: the shares the server asked for; the round's state is then erased."""
+    rec = _request(msg)
+    client = _load(context)
+    _round_of(client, rec)
+    try:
+        seeds, keys = client.unmask(get_ids(rec, "survived"), get_ids(rec, "dropped"))
+    finally:
+        del context.state.config_records[STATE]  # answered or refused: never asked twice
+    return _reply(msg, unmask_reply(seeds, keys))

@@ -1,0 +1,1 @@
+"""Experiments over finished runs: plots, summaries, comparisons across strategies."""

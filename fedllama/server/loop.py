@@ -1,0 +1,232 @@
+"""The server's round loop: bootstrap or resume, one round at a time, record it.
+
+Flower's ``Strategy.start`` always counts rounds from 1 and keeps no state on disk; this loop
+drives the same strategy hooks so that a run resumes after its last completed round and every
+round lands on disk before the next one starts. How a round's replies become a delta is the
+aggregator's business (:mod:`fedllama.server.aggregate`), chosen once per run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from fedllama import model
+from fedllama.config import Config, to_yaml
+from fedllama.experiments import report
+from fedllama.merge import AdapterState, MergeStrategy
+from fedllama.merge.optimizer import ServerOptimizer, build_server_optimizer
+from fedllama.merge.update import apply_delta
+from fedllama.server import checkpoint
+from fedllama.server.aggregate import (
+    Aggregator,
+    OnReply,
+    RoundFailed,
+    RoundRecord,
+    build_aggregator,
+)
+from fedllama.server.evaluator import Evaluator, server_view
+from fedllama.server.metrics import (
+    MetricsRow,
+    append_row,
+    read_rows,
+    truncate_rows,
+    weighted_client_eval,
+)
+from fedllama.server.strategy import FedLlamaStrategy
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RoundFailed", "ServerRun", "run_server"]
+
+
+@dataclass
+class ServerRun:
+    """Everything a run's rounds share: where they land and the parts that make them."""
+
+    cfg: Config
+    merge: MergeStrategy
+    out: Path
+    base_dir: Path
+    evaluator: Evaluator
+    optimizer: ServerOptimizer
+    strategy: FedLlamaStrategy
+    aggregator: Aggregator
+
+    @classmethod
+    def start(cls, cfg: Config, merge: MergeStrategy) -> ServerRun:
+        """Check the run directory, save the config, build the evaluator and the aggregator."""
+        out = Path(cfg.output.dir)
+        checkpoint.check_resumable(out, cfg)
+        checkpoint.write_config(out, cfg)
+        strategy = FedLlamaStrategy(
+            merge,
+            to_yaml(cfg),
+            rank=cfg.lora.r,
+            fraction_train=cfg.server.fraction_train,
+            min_nodes=cfg.server.min_replies,
+        )
+        return cls(
+            cfg=cfg,
+            merge=merge,
+            out=out,
+            base_dir=model.resolve_base_dir(cfg.model),
+            evaluator=Evaluator(cfg),
+            optimizer=build_server_optimizer(cfg.server),
+            strategy=strategy,
+            aggregator=build_aggregator(cfg),
+        )
+
+    def evaluate(self, global_state: AdapterState) -> float:
+        """The global model's eval loss (its view at ``lora.r`` and its residual)."""
+        return self.evaluator(*server_view(self.cfg, self.merge, global_state))
+
+    def save(self, server_round: int, global_state: AdapterState) -> None:
+        """Write the round directory (atomically)."""
+        checkpoint.save_round(
+            self.out,
+            server_round,
+            global_state,
+            self.optimizer.state_dict(),
+            self.base_dir,
+            checkpoint.round_adapters(self.cfg, self.merge, global_state),
+        )
+
+
+def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[MetricsRow]:
+    """Run (or resume) ``server.rounds`` rounds; return the metrics rows.
+
+    Raises:
+        RoundFailed: a round got fewer than ``server.min_replies`` good replies, or secure
+            aggregation could not finish; the global adapter stays at the previous round.
+    """
+    run = ServerRun.start(cfg, merge)
+    global_state, done = bootstrap_or_resume(run)
+    for server_round in range(done + 1, cfg.server.rounds + 1):
+        global_state = one_round(run, grid, global_state, server_round)
+    rows = read_rows(run.out)
+    if cfg.output.plot:
+        report.plot_losses(rows, run.out / "loss.png", title=f"fedllama: {cfg.strategy.name}")
+    return rows
+
+
+def bootstrap_or_resume(run: ServerRun) -> tuple[AdapterState, int]:
+    """The global state to go on from and the last completed round.
+
+    A new run evaluates and saves the initial adapter as round 0; a resumed one loads its last
+    round directory and drops metrics rows of rounds after it (they are redone).
+    """
+    out, cfg = run.out, run.cfg
+    done = checkpoint.last_round(out)
+    if done is not None:
+        global_state, optimizer_state = checkpoint.load_global(out, done)
+        run.optimizer.load_state_dict(optimizer_state)
+        truncate_rows(out, done)
+        if done >= cfg.server.rounds:
+            log.info("%s already holds %d rounds; nothing to do", out, done)
+        else:
+            log.info("resuming %s after round %d", out, done)
+        return global_state, done
+    global_state = run.merge.init_global(run.evaluator.initial_adapter())
+    t0 = time.perf_counter()
+    eval_loss = run.evaluate(global_state)
+    run.save(0, global_state)
+    truncate_rows(out, -1)
+    append_row(out, MetricsRow(round=0, eval_loss=eval_loss, seconds=time.perf_counter() - t0))
+    log.info("round 0 (initial adapter): eval_loss %.4f", eval_loss)
+    return global_state, 0
+
+
+def one_round(
+    run: ServerRun, grid: Grid, global_state: AdapterState, server_round: int
+) -> AdapterState:
+    """Train, aggregate, step, evaluate, save and record one round; the new global state."""
+    t0 = time.perf_counter()
+    record, delta = aggregate_round(run, grid, global_state, server_round)
+    global_state = apply_delta(global_state, delta, run.optimizer)
+    eval_loss = run.evaluate(global_state)
+    run.save(server_round, global_state)
+    row = MetricsRow(
+        round=server_round,
+        eval_loss=eval_loss,
+        train_loss=record.train_loss,
+        bytes_up=record.bytes_up,
+        bytes_down=record.bytes_down,
+        seconds=time.perf_counter() - t0,
+        client_eval_loss=weighted_client_eval(record.clients),
+        clients_ok=record.ok,
+        clients_dropped=record.dropped,
+        clients=record.clients,
+        secagg=record.secagg,
+    )
+    append_row(run.out, row)
+    log.info(
+        "round %d/%d done in %.1f s: eval_loss %.4f, train_loss %.4f, %d ok, %d dropped",
+        server_round,
+        run.cfg.server.rounds,
+        row.seconds,
+        eval_loss if math.isfinite(eval_loss) else float("nan"),
+        record.train_loss,
+        record.ok,
+        record.dropped,
+    )
+    return global_state
+
+
+def aggregate_round(
+    run: ServerRun, grid: Grid, global_state: AdapterState, server_round: int
+) -> tuple[RoundRecord, AdapterState]:
+    """Sample nodes, send the train messages, and aggregate the replies: (record, delta).
+
+    Raises:
+        RoundFailed: fewer than ``server.min_replies`` replies counted, or the aggregator could
+            not produce a delta.
+    """
+    cfg, out = run.cfg, run.out
+    strategy = run.strategy
+    strategy.set_global(global_state, server_round)
+    messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+    log.info("round %d/%d: training on %d clients", server_round, cfg.server.rounds, len(messages))
+    plan = strategy.plan(server_round, messages, _log_reply(server_round, len(messages)))
+    kept = f"the global adapter stays at round {server_round - 1} in {out}"
+    try:
+        record = run.aggregator.aggregate(grid, plan)
+    except RoundFailed as err:
+        raise RoundFailed(f"{err}; {kept}") from None
+    if record.ok < cfg.server.min_replies or record.delta is None:
+        missing = len(messages) - record.ok - record.dropped
+        raise RoundFailed(
+            f"round {server_round}: {record.ok} good replies ({record.dropped} dropped, "
+            f"{missing} missing), server.min_replies={cfg.server.min_replies}; {kept}"
+        )
+    return record, record.delta
+
+
+def _log_reply(server_round: int, total: int) -> OnReply:
+    seen = 0
+
+    def on_reply(summary: dict[str, Any]) -> None:
+        nonlocal seen
+        seen += 1
+        log.info(
+            "round %d: client %s (node %s) done %d/%d: train_loss %.4f, %d examples, "
+            "%d steps in %.1f s",
+            server_round,
+            summary.get("client-id", "?"),
+            summary["node"],
+            seen,
+            total,
+            summary["train-loss"],
+            summary["num-examples"],
+            summary.get("steps", 0),
+            summary.get("seconds", 0.0),
+        )
+
+    return on_reply

@@ -1,0 +1,98 @@
+"""The metrics row of a round: one dataclass, written to ``metrics.jsonl`` and read back.
+
+The server loop writes one :class:`MetricsRow` per round (round 0 is the initial evaluation);
+the report and the comparison read them back typed, so nobody guesses at a key. The names of
+the JSON keys are part of what users see: they do not change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class MetricsRow:
+    """One round in ``metrics.jsonl``.
+
+    Attributes:
+        round: the round number; 0 is the initial adapter before any training.
+        eval_loss: the global adapter's loss on the server's global eval set (NaN when
+            ``server.evaluate`` is off).
+        train_loss: the clients' example-weighted loss during their local steps (None in
+            round 0).
+        bytes_up, bytes_down: payload bytes clients sent and received this round, all clients.
+        seconds: wall time of the round, evaluation and checkpoint included.
+        client_eval_loss: clients' own eval loss after training, example-weighted.
+        clients_ok, clients_dropped: replies counted and dropped.
+        clients: each counted client's metrics (``node`` plus what it reported).
+        secagg: with secure aggregation, the protocol's figures (neighbours, threshold,
+            clipped values, unmasked dropouts, per stage traffic and time).
+    """
+
+    round: int
+    eval_loss: float
+    train_loss: float | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+    client_eval_loss: float | None = None
+    clients_ok: int = 0
+    clients_dropped: int = 0
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    secagg: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as written (``secagg`` only when secure aggregation ran)."""
+        row = asdict(self)
+        if row["secagg"] is None:
+            del row["secagg"]
+        return row
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> MetricsRow:
+        """A row as read back; keys this version does not know are ignored.
+
+        Raises:
+            ValueError: ``round`` or ``eval_loss`` is missing.
+        """
+        missing = [k for k in ("round", "eval_loss") if k not in row]
+        if missing:
+            raise ValueError(f"metrics row without {missing[0]!r}: {row}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in known})
+
+
+def read_rows(out: Path) -> list[MetricsRow]:
+    """Every row of ``out/metrics.jsonl`` (empty when absent)."""
+    path = out / METRICS
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    return [MetricsRow.from_json(json.loads(line)) for line in lines if line.strip()]
+
+
+def truncate_rows(out: Path, upto: int) -> None:
+    """Keep only rows of rounds ``<= upto`` (rounds after the last saved one are redone)."""
+    rows = [r for r in read_rows(out) if r.round <= upto]
+    (out / METRICS).write_text("".join(json.dumps(r.to_json()) + "\n" for r in rows))
+
+
+def append_row(out: Path, row: MetricsRow) -> None:
+    """Append one round's row."""
+    with (out / METRICS).open("a") as fh:
+        fh.write(json.dumps(row.to_json()) + "\n")
+
+
+def weighted_client_eval(clients: list[dict[str, Any]]) -> float | None:
+    """Clients' own eval loss after training (personalised), weighted by examples."""
+    scored = [
+        (c["num-examples"], c["client-eval-loss"]) for c in clients if "client-eval-loss" in c
+    ]
+    if not scored:
+        return None
+    return float(sum(n * loss for n, loss in scored) / sum(n for n, _ in scored))

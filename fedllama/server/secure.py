@@ -1,0 +1,327 @@
+"""The secure aggregator: one round under SecAgg+ over a Flower ``Grid``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import (
+    ConfigRecord,
+    Message,
+    RecordDict,
+)
+
+from fedllama.config import SecAggConfig
+from fedllama.merge import MergeError
+from fedllama.privacy.secagg.messages import (
+    ACTIONS,
+    CLIPPED,
+    MASKED,
+    SECAGG,
+    STAGES,
+    fields_bytes,
+    mask_request,
+    setup_request,
+    share_request,
+    unmask_request,
+)
+from fedllama.privacy.secagg.params import U64, SecAggAbort, SecAggError, get_field, get_pairs
+from fedllama.privacy.secagg.server import SecAggServer
+from fedllama.server.aggregate import RoundFailed, RoundPlan, RoundRecord
+from fedllama.server.replies import stream_replies
+from fedllama.wire.layout import Layout
+from fedllama.wire.records import ARRAYS, CONFIG, METRICS, record_bytes
+from fedllama.wire.validate import ReplyError, check_metrics
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
+log = logging.getLogger(__name__)
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message's records (arrays, bytes, strings; 8 per number)."""
+    total = sum(record_bytes(r) for r in content.array_records.values())
+    total += sum(fields_bytes(r) for r in content.config_records.values())
+    return total + sum(fields_bytes(r) for r in content.metric_records.values())
+
+
+@dataclass
+class StageStats:
+    """What one protocol stage cost: nodes asked/answered, bytes each way, seconds."""
+
+    sent: int = 0
+    ok: int = 0
+    dropped: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    seconds: float = 0.0
+
+
+def _exchange(
+    grid: Grid,
+    server: SecAggServer,
+    requests: Mapping[int, RecordDict],
+    stage: str,
+    timeout: float,
+    stats: StageStats,
+) -> Iterator[tuple[int, Message]]:
+    """Send one stage's requests; yield (node, reply) for good replies as they arrive.
+
+    Error replies drop their node (logged with the reason); nodes that do not reply in time are
+    dropped when the server closes the stage.
+    """
+    t0 = time.perf_counter()
+    messages = [
+        Message(
+            content=content,
+            dst_node_id=node,
+            message_type=f"train.{ACTIONS[stage]}",
+            group_id=str(server.server_round),
+        )
+        for node, content in requests.items()
+    ]
+    stats.sent = len(messages)
+    stats.bytes_down = sum(content_bytes(m.content) for m in messages)
+    setting = "server.timeout_s" if stage == "mask" else "secagg.timeout_s"  # training waits longer
+    for reply in stream_replies(grid, messages, timeout, setting=setting):
+        node = reply.metadata.src_node_id
+        if node not in server.alive:
+            continue
+        if reply.has_error():
+            server.drop(node, f"error reply: {reply.error.reason}")
+            continue
+        stats.bytes_up += content_bytes(reply.content)
+        yield node, reply
+    stats.seconds = time.perf_counter() - t0
+
+
+class SecureAggregator:
+    """One round under SecAgg+: keys, shares, masked training, unmasking; the server only ever
+    holds the sum, which ``merge.decode`` turns into the delta as on the plain path.
+
+    The plan's train messages fix the sample (their nodes) and what the mask stage carries
+    (the global state and the run config). Nodes leave the round at any stage (logged by
+    :class:`SecAggServer` with the stage and the reason); every node that is not in the sum
+    counts as dropped.
+
+    Args:
+        cfg: the ``secagg`` config section.
+        train_timeout: how long the mask stage (which trains) waits (``server.timeout_s``);
+            the other stages wait ``secagg.timeout_s``.
+    """
+
+    def __init__(self, cfg: SecAggConfig, train_timeout: float) -> None:
+        self.cfg = cfg
+        self.train_timeout = train_timeout
+
+    def aggregate(self, grid: Grid, plan: RoundPlan) -> RoundRecord:
+        """Run the four stages and decode the unmasked sum.
+
+        Raises:
+            RoundFailed: too few clients or shares to finish securely (nothing was aggregated),
+                or the unmasked sum cannot be decoded.
+        """
+        if not plan.merge.summable:
+            raise RoundFailed(
+                f"strategy {plan.merge.name} is not summable; secure aggregation needs a sum"
+            )
+        try:
+            return _SecureRound(grid, plan, self.cfg, self.train_timeout).run()
+        except SecAggAbort as err:
+            raise RoundFailed(
+                f"round {plan.server_round}: secure aggregation failed: {err}"
+            ) from None
+
+
+class _SecureRound:
+    """The state of one secure round: the protocol's server, the tally, per-stage figures."""
+
+    def __init__(self, grid: Grid, plan: RoundPlan, cfg: SecAggConfig, train_timeout: float):
+        self.grid, self.plan, self.cfg, self.train_timeout = grid, plan, cfg, train_timeout
+        self.layout = Layout.of(plan.spec.shapes)
+        self.nodes = [m.metadata.dst_node_id for m in plan.messages]
+        self.server = SecAggServer(self.nodes, cfg, plan.server_round, self.layout.size)
+        self.stats = {stage: StageStats() for stage in STAGES}
+        self.record = RoundRecord(server_round=plan.server_round)
+        self.clipped = 0
+
+    def run(self) -> RoundRecord:
+        """Every stage in turn, then the decoded sum and the figures."""
+        server = self.server
+        log.info(
+            "round %d: secure aggregation over %d clients: %d neighbours each, threshold %d of "
+            "%d shares, %d-bit fixed point (step %.3g, clip ±%g)",
+            self.plan.server_round,
+            len(self.nodes),
+            server.k,
+            server.threshold,
+            server.k + 1,
+            self.cfg.quantization_bits,
+            server.quantizer.step,
+            self.cfg.clip_range,
+        )
+        self.advertise_keys()
+        self.share_keys()
+        self.collect_masked()
+        self.unmask()
+        summed = self.layout.unflatten(server.finish())
+        record = self.record
+        record.dropped = len(self.nodes) - record.ok
+        try:
+            record.delta = self.plan.merge.decode(summed, self.plan.global_state)
+        except MergeError as err:
+            raise SecAggAbort(f"the unmasked sum cannot be decoded: {err}") from None
+        record.secagg = self.figures()
+        record.bytes_up = sum(s.bytes_up for s in self.stats.values())
+        record.bytes_down = sum(s.bytes_down for s in self.stats.values())
+        return record
+
+    def ask(
+        self, stage: str, requests: Mapping[int, dict[str, Any]], timeout: float
+    ) -> Iterator[tuple[int, ConfigRecord]]:
+        """Send one stage's protocol fields; yield (node, its reply's fields) as they arrive."""
+        contents = {n: RecordDict({SECAGG: ConfigRecord(f)}) for n, f in requests.items()}
+        for node, reply in _exchange(
+            self.grid, self.server, contents, stage, timeout, self.stats[stage]
+        ):
+            rec = reply.content.config_records.get(SECAGG)
+            if rec is None:
+                self.server.drop(node, f"reply has no ConfigRecord {SECAGG!r}")
+                continue
+            yield node, rec
+
+    def advertise_keys(self) -> None:
+        """Stage 1: each node's two public keys."""
+        setup = {n: setup_request(p) for n, p in self.server.setup_requests().items()}
+        for node, rec in self.ask("setup", setup, self.cfg.timeout_s):
+            try:
+                pk_enc, pk_mask = get_field(rec, "pk-enc", bytes), get_field(rec, "pk-mask", bytes)
+                self.server.add_keys(node, pk_enc, pk_mask)
+            except SecAggError as err:
+                self.server.drop(node, str(err))
+
+    def share_keys(self) -> None:
+        """Stage 2: each node's encrypted shares for its neighbours, and its commitment."""
+        server_round = self.plan.server_round
+        requests = self.server.share_requests().items()
+        share = {n: share_request(server_round, k) for n, k in requests}
+        for node, rec in self.ask("share", share, self.cfg.timeout_s):
+            try:
+                ciphertexts = get_pairs(rec, "dst", "ciphertexts")
+                self.server.add_shares(node, ciphertexts, get_field(rec, "commitment", bytes))
+            except SecAggError as err:
+                self.server.drop(node, str(err))
+
+    def mask_contents(self) -> dict[int, RecordDict]:
+        """Stage 3's messages: the plain train content plus the shares routed to each node."""
+        by_node = {m.metadata.dst_node_id: m for m in self.plan.messages}
+        contents = {}
+        for node, ciphertexts in self.server.mask_requests().items():
+            plain = by_node[node].content
+            fields = mask_request(self.plan.server_round, ciphertexts, self.layout.digest())
+            contents[node] = RecordDict(
+                {
+                    ARRAYS: plain.array_records[ARRAYS],
+                    CONFIG: plain.config_records[CONFIG],
+                    SECAGG: ConfigRecord(fields),
+                }
+            )
+        return contents
+
+    def collect_masked(self) -> None:
+        """Stage 3: each node trains and replies with its masked encoding; summed on arrival."""
+        contents = self.mask_contents()
+        record = self.record
+        stats = self.stats["mask"]
+        for node, reply in _exchange(
+            self.grid, self.server, contents, "mask", self.train_timeout, stats
+        ):
+            try:
+                masked, metrics, num_examples, train_loss = _check_masked(
+                    reply.content, self.layout.size
+                )
+                self.server.add_masked(node, masked)
+            except (SecAggError, ReplyError) as err:
+                self.server.drop(node, str(err))
+                continue
+            nbytes = record_bytes(reply.content.array_records[MASKED])
+            record.accept(node, num_examples, train_loss, metrics, nbytes, self.plan.on_reply)
+            self.count_clipped(node, int(metrics.get(CLIPPED, 0)))
+
+    def count_clipped(self, node: int, clipped: int) -> None:
+        """Total the values a client clipped to ±clip_range, and say so."""
+        self.clipped += clipped
+        if clipped:
+            log.warning(
+                "round %d: node %d clipped %d encoded values to ±%g: raise secagg.clip_range",
+                self.plan.server_round,
+                node,
+                clipped,
+                self.cfg.clip_range,
+            )
+
+    def unmask(self) -> None:
+        """Stage 4: shares of survivors' seeds and dropped nodes' mask keys."""
+        server_round = self.plan.server_round
+        requests = self.server.unmask_requests().items()
+        unmask = {n: unmask_request(server_round, *a) for n, a in requests}
+        for node, rec in self.ask("unmask", unmask, self.cfg.timeout_s):
+            try:
+                self.server.add_unmask(
+                    node,
+                    get_pairs(rec, "seed-owners", "seed-shares"),
+                    get_pairs(rec, "key-owners", "key-shares"),
+                )
+            except SecAggError as err:
+                self.server.drop(node, f"shares ignored: {err}")
+
+    def figures(self) -> dict[str, Any]:
+        """The protocol's figures for the metrics row."""
+        server = self.server
+        stages = zip(self.stats.items(), server.replied(), strict=True)
+        return {
+            "clients": len(self.nodes),
+            "neighbours": server.k,
+            "threshold": server.threshold,
+            "clipped": self.clipped,
+            "unmasked_dropouts": len(server.sharers - server.summed),
+            "stages": {
+                stage: {
+                    "sent": s.sent,
+                    "ok": ok,
+                    "dropped": len(server.dropped[stage]),
+                    "bytes_down": s.bytes_down,
+                    "bytes_up": s.bytes_up,
+                    "seconds": round(s.seconds, 3),
+                }
+                for (stage, s), ok in stages
+            },
+        }
+
+
+def _check_masked(content: RecordDict, length: int) -> tuple[U64, dict[str, Any], float, float]:
+    """A mask-stage reply's masked vector and metrics (raises ReplyError/SecAggError)."""
+    arrays = content.array_records.get(MASKED)
+    if arrays is None or set(arrays) != {MASKED}:
+        raise SecAggError(f"no ArrayRecord {MASKED!r} holding one array {MASKED!r}")
+    array = arrays[MASKED]
+    if array.dtype != "uint64" or tuple(array.shape) != (length,):
+        raise SecAggError(
+            f"masked vector is {array.dtype} {tuple(array.shape)}, expected uint64 ({length},)"
+        )
+    try:
+        masked = np.asarray(array.numpy())
+    except Exception as err:  # a corrupt payload fails inside numpy's loader
+        raise SecAggError(f"masked vector cannot be decoded ({err})") from None
+    metrics = content.metric_records.get(METRICS)
+    num_examples, train_loss = check_metrics(metrics)
+    assert metrics is not None  # check_metrics raised otherwise
+    clipped = metrics.get(CLIPPED)
+    if not isinstance(clipped, int) or clipped < 0:
+        raise SecAggError(f"metric {CLIPPED!r} is {clipped!r}, expected a count")
+    return masked.astype(np.uint64, copy=False), dict(metrics), num_examples, train_loss

@@ -1,0 +1,1 @@
+"""What crosses the wire: record keys, tensors <-> Flower records, reply validation, flattening."""

@@ -1,0 +1,52 @@
+"""Record keys and tensors <-> Flower records: what crosses the wire, and its size.
+
+The record and metric names are a wire format: deployed SuperNodes depend on them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from fedllama.merge import AdapterState
+
+ARRAYS = "arrays"
+
+
+CONFIG = "config"
+
+
+METRICS = "metrics"
+
+
+CONFIG_YAML = "fedllama-config"
+
+
+ROUND = "server-round"
+
+
+NUM_EXAMPLES = "num-examples"
+
+
+TRAIN_LOSS = "train-loss"
+
+
+WIRE_DTYPES = ("float32",)
+
+
+def to_record(state: AdapterState) -> ArrayRecord:
+    """Tensors -> Flower ``ArrayRecord`` (float32: Flower's ``Array`` rejects bf16)."""
+    return ArrayRecord(
+        torch_state_dict={k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
+    )
+
+
+def from_record(record: ArrayRecord) -> AdapterState:
+    """Flower ``ArrayRecord`` -> float32 tensors."""
+    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Payload bytes of an ``ArrayRecord`` (what crosses the wire, before framing)."""
+    return sum(len(a.data) for a in record.values())

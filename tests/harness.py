@@ -1,0 +1,347 @@
+"""Harnesses the tests share: the tiny config, the in-process grid, processes on loopback, a
+deployment of a coordinator and institutions, and ``flwr run``'s environment.
+
+Fixtures built on these live in ``conftest.py``; no test module imports another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import clients.app
+import strategies
+from fedllama import config as config_lib
+from fedllama import data
+from fedllama.config import Config
+from fedllama.deploy import credentials
+from fedllama.server import inprocess
+from fedllama.server.inprocess import Tamper
+from fedllama.server.loop import run_server
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_YAML = REPO / "simulations" / "configs" / "tiny.yaml"
+BIN = Path(sys.executable).parent
+SCRIPTS = REPO / "scripts"
+NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+
+
+def tiny_config(cache_dir: Path, out: Path, *overrides: str) -> Config:
+    """The tiny.yaml config pointed at a test cache and output directory."""
+    return config_lib.load(
+        TINY_YAML, [f"model.cache_dir={cache_dir}", f"output.dir={out}", *overrides]
+    )
+
+
+# --------------------------------------------------------------------------- in-process grid
+
+
+class InProcessGrid(inprocess.InProcessGrid):
+    """The library's in-process grid running this repository's ClientApp."""
+
+    def __init__(
+        self,
+        num_nodes: int,
+        tamper: Tamper | None = None,
+        node_config: dict[int, dict[str, int | str]] | None = None,
+    ) -> None:
+        super().__init__(clients.app.app, num_nodes, tamper, node_config)
+
+
+def run(grid: InProcessGrid, cfg: Config) -> list[dict[str, Any]]:
+    """The real server loop over an in-process grid; the metrics rows as written."""
+    rows = run_server(grid, cfg, strategies.build(cfg))  # type: ignore[arg-type]
+    return [row.to_json() for row in rows]
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) for every process (from /proc)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        table[int(entry.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in process_table().items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    table = process_table()
+    return [p for p in pids if p in table and table[p][1] != "Z"]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@dataclass
+class Proc:
+    """A process started by a test, its output in ``log``."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
+        """The first match of ``pattern`` in the output; fails if the process exits first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.text())
+            if match:
+                return match
+            if self.popen.poll() is not None:
+                pytest.fail(
+                    f"{self.name} exited ({self.popen.returncode}) before {pattern!r}:\n"
+                    f"{self.text()[-3000:]}"
+                )
+            if time.monotonic() > deadline:
+                pytest.fail(f"{self.name}: no {pattern!r} in {timeout} s:\n{self.text()[-3000:]}")
+            time.sleep(0.2)
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.name} still running after {timeout} s:\n{self.text()[-3000:]}")
+
+
+@dataclass
+class Processes:
+    """Starts processes in their own session; kills them with all their descendants."""
+
+    logs: Path
+    started: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> Proc:
+        log = self.logs / f"{len(self.started):02d}-{name}.log"
+        with open(log, "wb") as out:
+            popen = subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        proc = Proc(name, popen, log)
+        self.started.append(proc)
+        return proc
+
+    def kill(self, proc: Proc, sig: int = signal.SIGKILL, grace: float = 10.0) -> None:
+        """Signal ``proc``, its process group and every descendant; SIGKILL what survives."""
+        pids = [proc.popen.pid, *descendants(proc.popen.pid)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.popen.pid, sig)
+        deadline = time.monotonic() + grace
+        while alive(pids) and time.monotonic() < deadline:
+            proc.popen.poll()  # reap our own child
+            time.sleep(0.1)
+        for pid in alive(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(10)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            self.kill(proc, signal.SIGTERM)
+
+
+def write_jsonl(path: Path, topic: str, rows: int) -> Path:
+    """Instruction/response pairs in the format fedllama.data reads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for i in range(rows):
+            row = {
+                "instruction": f"{topic}: what is item {i}?",
+                "response": f"Item {i} of {topic}.",
+            }
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def train_size(path: Path) -> int:
+    """Examples a node trains on (the ClientApp's own split of its file)."""
+    return len(data.split_train_eval(data.read_local(path), 0.1, "node-0").train)
+
+
+@dataclass
+class Deployment:
+    """A coordinator and institutions on loopback, each in its own home directory."""
+
+    root: Path
+    procs: Processes
+    cache: Path
+    creds: credentials.CredentialPaths = field(init=False)
+    fleet_port: int = field(default_factory=free_port)
+    control_port: int = field(default_factory=free_port)
+    superlink: Proc | None = None
+    nodes: dict[str, Proc] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.creds = credentials.create(
+            self.root / "coordinator" / "credentials",
+            ["localhost"],
+            ["hospital-a", "hospital-b", "intruder"],
+        )
+
+    def home(self, who: str) -> Path:
+        home = self.root / who
+        (home / ".flwr").mkdir(parents=True, exist_ok=True)
+        return home
+
+    def env(self, who: str) -> dict[str, str]:
+        home = self.home(who)
+        return {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "HOME": str(home),
+            "FLWR_HOME": str(home / ".flwr"),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+            "MPLCONFIGDIR": str(self.cache / "matplotlib"),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def start_superlink(self) -> Proc:
+        cmd = [str(SCRIPTS / "start-superlink.sh"), "--credentials", str(self.creds.ca_cert.parent)]
+        cmd += ["--fleet-address", f"127.0.0.1:{self.fleet_port}"]
+        cmd += ["--control-port", str(self.control_port)]
+        self.superlink = self.procs.start("superlink", cmd, self.env("coordinator"))
+        self.superlink.wait_for(r"Fleet API \(gRPC-rere\) on", 120)
+        self.superlink.wait_for(r"Uvicorn running on https://127\.0\.0\.1", 120)
+        return self.superlink
+
+    def register(self, *names: str) -> dict[str, int]:
+        keys = [str(self.creds.nodes[n].public_key) for n in names]
+        proc = subprocess.run(
+            [str(BIN / "fedllama"), "deploy", "register", *keys],
+            env=self.env("coordinator"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        ids = dict(re.findall(r"registered .*/(\S+)\.pub as node (\d+)", proc.stdout))
+        return {name: int(ids[name]) for name in names}
+
+    def supernode_cmd(
+        self, name: str, data_path: Path, rank: int, *extra: str, key: str | None = None
+    ) -> list[str]:
+        cmd = [str(SCRIPTS / "start-supernode.sh"), "--superlink", f"127.0.0.1:{self.fleet_port}"]
+        cmd += ["--ca", str(self.creds.ca_cert)]
+        cmd += ["--key", str(self.creds.nodes[key or name].private_key)]
+        cmd += ["--data-path", str(data_path), "--lora-rank", str(rank)]
+        cmd += ["--port", str(free_port()), *extra]
+        return cmd
+
+    def start_supernode(self, name: str, data_path: Path, rank: int, *extra: str) -> int:
+        """Start institution ``name``'s SuperNode; return its node id once connected."""
+        proc = self.procs.start(
+            name, self.supernode_cmd(name, data_path, rank, *extra), self.env(name)
+        )
+        self.nodes[name] = proc
+        return int(proc.wait_for(NODE_ID, 120).group(1))
+
+    def run_cmd(self, *overrides: str) -> list[str]:
+        run_config = f'config="simulations/configs/tiny.yaml" overrides="{" ".join(overrides)}"'
+        return [str(BIN / "flwr"), "run", ".", "fedllama", "--run-config", run_config, "--stream"]
+
+    def flwr_run(self, *overrides: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.run_cmd(*overrides),
+            cwd=REPO,
+            env=self.env("coordinator"),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+def metrics_rows(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def seed_home_cache(dep: Deployment, who: str) -> None:
+    """Give a machine its own model cache, with the tiny base but no quantized copy yet."""
+    target = dep.home(who) / ".cache" / "fedllama"
+    shutil.copytree(
+        dep.cache,
+        target,
+        ignore=shutil.ignore_patterns(
+            "quantized", "client-state", "smollm2-135m-instruct", ".*", "matplotlib"
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- flwr run
+
+
+def stop_processes_mentioning(marker: str) -> None:
+    """Stop the detached local SuperLink `flwr run` leaves behind (found by its FLWR_HOME)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline:
+            os.kill(int(proc.name), signal.SIGTERM)
+
+
+def local_flwr_env(home: Path) -> dict[str, str]:
+    """Environment for ``flwr run`` with a local simulation: its own FLWR_HOME and free ports
+    (the detached local SuperLink is otherwise shared), no dependency installs, no update
+    check."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
