@@ -15,10 +15,10 @@ demo: setup
 
 # Everything that runs without a GPU: unit tests and the end-to-end simulations.
 test: setup
-	$(BIN)/pytest -m "not gpu" -q
+	$(BIN)/pytest -q
 
 test-fast: setup
-	$(BIN)/pytest -m "not gpu and not slow" -q
+	$(BIN)/pytest -m "not slow" -q
 
 lint: setup
 	$(BIN)/ruff check .

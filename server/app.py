@@ -21,6 +21,7 @@ from fedllama import config as config_lib
 from fedllama.config import Config
 from fedllama.experiments import report
 from fedllama.runtime import setup_logging, stay_offline
+from fedllama.server.metrics import MetricsRow
 
 APP_DIR = Path(__file__).resolve().parent.parent
 log = logging.getLogger("fedllama.server")
@@ -73,14 +74,20 @@ def load_run_config(run_config: dict[str, object]) -> Config:
     return cfg
 
 
+def serve(grid: Grid, cfg: Config) -> list[MetricsRow]:
+    """Run or resume the rounds, then plot and summarise them; the metrics rows."""
+    from fedllama.server.loop import run_server  # imports transformers: after stay_offline()
+
+    rows = run_server(grid, cfg, strategies.build(cfg))
+    out = Path(cfg.output.dir)
+    if cfg.output.plot:
+        report.plot_losses(rows, out / "loss.png", title=f"fedllama: {cfg.strategy.name}")
+    log.info("finished; metrics in %s\n%s", out / "metrics.jsonl", report.summary(rows))
+    return rows
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run or resume the federation described by the config."""
-    from fedllama.server.loop import run_server  # imports transformers: after stay_offline()
-
     setup_logging()
-    cfg = load_run_config(dict(context.run_config))
-    rows = run_server(grid, cfg, strategies.build(cfg))
-    log.info(
-        "finished; metrics in %s\n%s", Path(cfg.output.dir) / "metrics.jsonl", report.summary(rows)
-    )
+    serve(grid, load_run_config(dict(context.run_config)))

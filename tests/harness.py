@@ -23,14 +23,13 @@ from typing import Any
 import pytest
 
 import clients.app
-import strategies
+import server.app
 from fedllama import config as config_lib
 from fedllama import data
 from fedllama.config import Config
 from fedllama.deploy import credentials
 from fedllama.server import inprocess
 from fedllama.server.inprocess import Tamper
-from fedllama.server.loop import run_server
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_YAML = REPO / "simulations" / "configs" / "tiny.yaml"
@@ -62,8 +61,8 @@ class InProcessGrid(inprocess.InProcessGrid):
 
 
 def run(grid: InProcessGrid, cfg: Config) -> list[dict[str, Any]]:
-    """The real server loop over an in-process grid; the metrics rows as written."""
-    rows = run_server(grid, cfg, strategies.build(cfg))  # type: ignore[arg-type]
+    """The real ServerApp's rounds over an in-process grid; the metrics rows as written."""
+    rows = server.app.serve(grid, cfg)  # type: ignore[arg-type]
     return [row.to_json() for row in rows]
 
 

@@ -68,11 +68,6 @@ def subtract(a: AdapterState, b: AdapterState) -> AdapterState:
     return {k: a[k] - b[k] for k in a}
 
 
-def state_bytes(state: AdapterState) -> int:
-    """Bytes of the tensors' payload."""
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
 def save_adapter(
     directory: str | Path,
     state: AdapterState,

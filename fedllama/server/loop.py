@@ -20,7 +20,6 @@ from flwr.serverapp import Grid
 
 from fedllama import model
 from fedllama.config import Config, to_yaml
-from fedllama.experiments import report
 from fedllama.merge import AdapterState, MergeStrategy
 from fedllama.merge.optimizer import ServerOptimizer, build_server_optimizer
 from fedllama.merge.update import apply_delta
@@ -111,10 +110,7 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[MetricsRow
     global_state, done = bootstrap_or_resume(run)
     for server_round in range(done + 1, cfg.server.rounds + 1):
         global_state = one_round(run, grid, global_state, server_round)
-    rows = read_rows(run.out)
-    if cfg.output.plot:
-        report.plot_losses(rows, run.out / "loss.png", title=f"fedllama: {cfg.strategy.name}")
-    return rows
+    return read_rows(run.out)
 
 
 def bootstrap_or_resume(run: ServerRun) -> tuple[AdapterState, int]:

@@ -52,11 +52,10 @@ def content_bytes(content: RecordDict) -> int:
 
 @dataclass
 class StageStats:
-    """What one protocol stage cost: nodes asked/answered, bytes each way, seconds."""
+    """What one protocol stage cost: nodes asked, bytes each way, seconds (who answered and who
+    dropped is the protocol server's record)."""
 
     sent: int = 0
-    ok: int = 0
-    dropped: int = 0
     bytes_down: int = 0
     bytes_up: int = 0
     seconds: float = 0.0

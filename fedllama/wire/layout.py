@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from fedllama.privacy.secagg.params import F32, F64
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+
 
 if TYPE_CHECKING:
     from fedllama.merge import AdapterState
