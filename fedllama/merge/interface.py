@@ -1,9 +1,9 @@
-"""The merge-strategy interface and the summable aggregation path (DESIGN.md §2).
+"""The merge-strategy interface (docs/architecture.md, "The aggregation path").
 
-Every strategy turns a client's delta into fixed-shape tensors (``encode``); the server needs
-only their **sum**, which :class:`SumAccumulator` builds one reply at a time (so memory does not
-grow with the number of clients), and ``decode`` turns the sum into the aggregated delta in the
-strategy's global form. Secure aggregation changes only who computes the sum.
+Every strategy turns a client's delta into fixed-shape tensors (``encode``); a summable one's
+server needs only their **sum**, which ``fedllama.merge.sum.SumAccumulator`` builds one reply
+at a time (so memory does not grow with the number of clients), and ``decode`` turns the sum
+into the aggregated delta in the strategy's global form. Secure aggregation changes only who computes the sum.
 
 Strategies live in ``strategies/`` (plain torch, one file each) and implement
 :class:`MergeStrategy`; this module does not import them.
