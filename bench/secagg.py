@@ -4,11 +4,11 @@ Each figure is a ratio against the plain (no secagg) path measured in the same r
 
 1. Protocol on a realistic adapter: SmolLM2-135M, LoRA r8 on q/k/v/o (921,600 values, 3.7 MB
    float32 per client), FedAvg's encoding, N simulated clients. Client and server protocol code
-   run in-process (``fedllama.secagg.aggregate_locally``), each side timed apart. Plain: each
-   client encodes and serialises its reply; the server validates, sums and decodes. SecAgg+:
-   the four stages, the masked vector serialised, the server unmasking and decoding. "Round"
-   is the critical path with clients in parallel (the slowest client per stage, plus the
-   server): no network, no training.
+   run in-process (``fedllama.privacy.secagg.aggregate_locally``), each side timed apart.
+   Plain: each client encodes and serialises its reply; the server validates, sums and
+   decodes. SecAgg+: the four stages, the masked vector serialised, the server unmasking and
+   decoding. "Round" is the critical path with clients in parallel (the slowest client per
+   stage, plus the server): no network, no training.
 2. End to end on the tiny model: one real round (ServerApp loop, ClientApp, local training,
    server eval, checkpoint) through the in-process grid, clients one after another. Goal:
    round time with secure aggregation <= 1.5x plain at 10 clients.

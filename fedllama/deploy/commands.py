@@ -316,7 +316,7 @@ class SuperNodeSettings:
                     raise DeployError(f"{what} {str(value)!r}: no such file")
 
     def node_config(self) -> dict[str, NodeConfigValue]:
-        """The node config the ClientApp reads (``fedllama.client.NodeSettings``)."""
+        """The node config the ClientApp reads (``fedllama.client.settings.NodeSettings``)."""
         values: dict[str, NodeConfigValue] = {
             "data-path": str(self.data_path.expanduser().resolve())
         }

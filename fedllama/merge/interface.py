@@ -3,7 +3,8 @@
 Every strategy turns a client's delta into fixed-shape tensors (``encode``); a summable one's
 server needs only their **sum**, which ``fedllama.merge.sum.SumAccumulator`` builds one reply
 at a time (so memory does not grow with the number of clients), and ``decode`` turns the sum
-into the aggregated delta in the strategy's global form. Secure aggregation changes only who computes the sum.
+into the aggregated delta in the strategy's global form. Secure aggregation changes only who
+computes the sum.
 
 Strategies live in ``strategies/`` (plain torch, one file each) and implement
 :class:`MergeStrategy`; this module does not import them.

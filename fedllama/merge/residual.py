@@ -37,7 +37,7 @@ def add_residual(residual: AdapterState, increment: AdapterState) -> AdapterStat
     """Residual factors whose product is ``residual``'s plus ``increment``'s, module by module.
 
     The factors are stacked ([B_res, B_inc], [A_res; A_inc]) and re-factored exactly at their
-    numerical rank (:func:`fedllama.lowrank.compress`), then zero-padded to one rank shared by
+    numerical rank (:func:`fedllama.merge.lowrank.compress`), then zero-padded to one rank shared by
     every module, so the residual is one peft adapter and never grows past min(out, in).
     """
     from fedllama.merge.lowrank import compress
