@@ -312,6 +312,88 @@ class SecAggConfig:
         return ((1 << 63) - 1) // ((1 << (self.quantization_bits - 1)) - 1)
 
 
+DP_PLACEMENTS = ("central", "local")
+DP_ACCOUNTANTS = ("rdp", "pld")
+DP_SAMPLING = ("poisson", "fixed", "all")
+
+
+@dataclass
+class DpConfig:
+    """Client-level differential privacy: DP-FedAvg (McMahan et al., ICLR 2018).
+
+    Every sampled client clips its whole update (every tensor it sends, as one vector) to L2
+    norm ``clip_norm`` C and weighs it 1; the released sum carries Gaussian noise of standard
+    deviation z·C per coordinate and is divided by the expected number of clients (the fixed
+    denominator). ε at ``delta`` comes from Google's dp-accounting (docs/privacy.md).
+    """
+
+    enabled: bool = False
+    clip_norm: float = 1.0
+    """C: each client's update (as one vector) is clipped to this L2 norm."""
+    noise_multiplier: float = 0.0
+    """z: noise standard deviation z·C on the sum. Give z or ``target_epsilon``, not both."""
+    target_epsilon: float = 0.0
+    """> 0: calibrate z before the run so that ε after ``server.rounds`` rounds is at most this;
+    a round that would exceed it (after ``server.rounds`` is raised) is not run."""
+    delta: float = 1.0e-5
+    placement: str = "central"
+    """``central``: the server adds N(0, (zC)²) to the sum; ``local``: each client adds it to
+    its own clipped update (a comparison point: N times the variance in the sum)."""
+    accountant: str = "rdp"
+    """``rdp`` (Rényi DP, Mironov 2017) or ``pld`` (privacy loss distributions)."""
+    sampling: str = "poisson"
+    """Who takes part in a round: ``poisson`` (each client independently with ``sampling_rate``),
+    ``fixed`` (``clients_per_round`` drawn without replacement) or ``all``."""
+    sampling_rate: float = 0.1
+    """q of ``poisson`` sampling."""
+    clients_per_round: int = 1
+    """m of ``fixed`` sampling."""
+    seed: int | None = None
+    """Seeds the sampling and the noise for a reproducible research run; unset (the default),
+    both come from the operating system's entropy, as a real deployment needs."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.placement, "dp.placement", DP_PLACEMENTS)
+        _one_of(self.accountant, "dp.accountant", DP_ACCOUNTANTS)
+        _one_of(self.sampling, "dp.sampling", DP_SAMPLING)
+        _require(self.clip_norm > 0, "dp.clip_norm", f"must be > 0, got {self.clip_norm}")
+        _require(
+            self.noise_multiplier >= 0,
+            "dp.noise_multiplier",
+            f"must be >= 0, got {self.noise_multiplier}",
+        )
+        _require(
+            self.target_epsilon >= 0,
+            "dp.target_epsilon",
+            f"must be >= 0 (0 = use dp.noise_multiplier), got {self.target_epsilon}",
+        )
+        _require(0 < self.delta < 1, "dp.delta", f"must be in (0, 1), got {self.delta}")
+        _require(
+            0 < self.sampling_rate <= 1,
+            "dp.sampling_rate",
+            f"must be in (0, 1], got {self.sampling_rate}",
+        )
+        _require(
+            self.clients_per_round >= 1,
+            "dp.clients_per_round",
+            f"must be >= 1, got {self.clients_per_round}",
+        )
+        if not self.enabled:
+            return
+        _require(
+            (self.noise_multiplier > 0) != (self.target_epsilon > 0),
+            "dp.noise_multiplier",
+            f"give z (dp.noise_multiplier > 0) or dp.target_epsilon > 0, exactly one; got "
+            f"noise_multiplier={self.noise_multiplier}, target_epsilon={self.target_epsilon}",
+        )
+        _require(
+            not (self.accountant == "pld" and self.sampling == "fixed"),
+            "dp.accountant",
+            "pld does not account sampling without replacement (dp.sampling=fixed) in "
+            "dp-accounting; use dp.accountant=rdp or dp.sampling=poisson",
+        )
+
+
 @dataclass
 class SimulationConfig:
     """Flower simulation engine (Ray) settings."""
@@ -358,6 +440,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    dp: DpConfig = field(default_factory=DpConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
@@ -374,6 +457,8 @@ class Config:
             f"is {self.server.min_replies}, more than simulation.num_clients="
             f"{self.simulation.num_clients}",
         )
+        if self.dp.enabled:
+            self._check_dp()
         if self.secagg.enabled:
             _require(
                 self.simulation.num_clients >= 2,
@@ -388,6 +473,27 @@ class Config:
                 f"{self.secagg.max_clients} clients, simulation.num_clients is "
                 f"{self.simulation.num_clients}",
             )
+
+    def _check_dp(self) -> None:
+        _require(
+            self.server.fraction_train == 1.0,
+            "server.fraction_train",
+            f"is {self.server.fraction_train}, but with dp.enabled dp.sampling decides who takes "
+            "part in a round (the accountant must know how); leave server.fraction_train at 1.0",
+        )
+        _require(
+            self.dp.sampling != "fixed" or self.dp.clients_per_round <= self.simulation.num_clients,
+            "dp.clients_per_round",
+            f"is {self.dp.clients_per_round}, more than simulation.num_clients="
+            f"{self.simulation.num_clients}",
+        )
+        mixed = sorted(set(self.lora.client_ranks) - {self.lora.r})
+        _require(
+            not mixed,
+            "lora.client_ranks",
+            f"has ranks {mixed} besides lora.r={self.lora.r}: with dp.enabled every client must "
+            "train at lora.r (per-slot denominators of mixed ranks would reveal who took part)",
+        )
 
 
 def _explain(err: OmegaConfBaseException) -> str:

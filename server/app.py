@@ -51,6 +51,12 @@ def check(cfg: Config) -> None:
             f"{cfg.lora.r}, but client_ranks has {mixed}; use a mixed-rank strategy "
             f"({', '.join(able)})"
         )
+    if cfg.dp.enabled and strategy.dp_refusal:
+        able = [n for n, build in sorted(strategies.REGISTRY.items()) if not build(cfg).dp_refusal]
+        raise config_lib.ConfigError(
+            f"dp.enabled: strategy {strategy.name} cannot be made differentially private: "
+            f"{strategy.dp_refusal}; use one of {', '.join(able)}"
+        )
     if strategy.residual and (cfg.server.optimizer != "sgd" or cfg.server.lr != 1.0):
         raise config_lib.ConfigError(
             f"server.optimizer: strategy {strategy.name} is exact (each round's merged update is "

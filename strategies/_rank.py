@@ -60,6 +60,8 @@ class SlotAveraged:
     mixed_ranks: ClassVar[bool] = True
     local: ClassVar[frozenset[str]] = frozenset()
     residual: ClassVar[bool] = False
+    count_keys: ClassVar[frozenset[str]] = frozenset({SLOT_WEIGHT})
+    dp_refusal: ClassVar[str] = ""
 
     def __init__(self, cfg: Config) -> None:
         self.global_rank = cfg.lora.r
@@ -122,6 +124,10 @@ class SendsFactors(SlotAveraged):
     """
 
     summable: ClassVar[bool] = False
+    dp_refusal: ClassVar[str] = (
+        "it is a trusted-server rule: it merges each client's factors non-linearly, while "
+        "DP-FedAvg's sensitivity bound holds for a sum of clipped updates"
+    )
 
     def encode(
         self, delta: AdapterState, weight: float, view: AdapterState | None = None

@@ -24,6 +24,8 @@ class FedAvg:
     mixed_ranks: ClassVar[bool] = False
     local: ClassVar[frozenset[str]] = frozenset()
     residual: ClassVar[bool] = False
+    count_keys: ClassVar[frozenset[str]] = frozenset({WEIGHT_KEY})
+    dp_refusal: ClassVar[str] = ""
 
     def __init__(self, cfg: Config | None = None) -> None:
         """FedAvg has no settings."""

@@ -30,6 +30,10 @@ class HetLoRA(SlotAveraged):
     """Zero-pad, weight each module by its ||B_k A_k||_F, truncate per client."""
 
     name: ClassVar[str] = "hetlora"
+    dp_refusal: ClassVar[str] = (
+        "it weighs each client's update by the norms of its trained factors, which depend on "
+        "its data; under DP every client must weigh the same"
+    )
 
     def encode(
         self, delta: AdapterState, weight: float, view: AdapterState | None = None

@@ -18,6 +18,7 @@ class ZeroPad(SlotAveraged):
     """Δ = Σ_k w_k pad(Δ_k) / Σ_k w_k; client k gets G[:r_k]."""
 
     name: ClassVar[str] = "zero_pad"
+    count_keys: ClassVar[frozenset[str]] = frozenset({WEIGHT_KEY})
 
     def encode(
         self, delta: AdapterState, weight: float, view: AdapterState | None = None

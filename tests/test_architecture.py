@@ -18,7 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "runtime": set(),
     "merge": {"config"},
     "data": {"config"},
-    "privacy": {"config"},
+    "privacy": {"config", "merge"},
     "deploy": set(),
     "model": {"config", "data", "merge"},
     "wire": {"merge"},

@@ -38,3 +38,32 @@ def test_comparison_table_has_a_row_per_strategy_with_means() -> None:
 def test_plots_are_written(tmp_path: Path) -> None:
     assert report.plot_losses(ROWS, tmp_path / "a.png").stat().st_size > 1000
     assert report.plot_comparison({"a": ROWS}, tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_a_dp_run_reports_epsilon_with_its_assumptions(tmp_path: Path) -> None:
+    dp = {
+        "epsilon": 2.5,
+        "delta": 1e-5,
+        "accountant": "rdp",
+        "noise_multiplier": 1.1,
+        "clip_norm": 0.5,
+        "placement": "central",
+        "sampling": "poisson",
+        "sampling_rate": 0.1,
+        "unit": "client (add/remove one)",
+    }
+    rows = [
+        MetricsRow(round=0, eval_loss=3.0, dp={**dp, "epsilon": 0.0}),
+        MetricsRow(round=1, eval_loss=2.9, train_loss=3.1, dp=dp),
+    ]
+
+    text = report.summary(rows)
+
+    assert text.splitlines()[0].endswith("ε")
+    assert text.splitlines()[2].endswith("2.500")
+    assert "ε = 2.500 at δ = 1e-05 (rdp accountant; privacy unit: one client" in text
+    assert "z = 1.1 on updates clipped to C = 0.5; poisson q=0.1 sampling" in text
+    with_eps = report.plot_losses(rows, tmp_path / "dp.png").stat().st_size
+    plain = [MetricsRow(round=0, eval_loss=3.0), MetricsRow(round=1, eval_loss=2.9, train_loss=3.1)]
+    without = report.plot_losses(plain, tmp_path / "a.png").stat().st_size
+    assert with_eps > without  # the ε axis and line are drawn

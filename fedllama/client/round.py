@@ -17,6 +17,7 @@ from fedllama import data, model
 from fedllama.config import Config
 from fedllama.merge import AdapterState, MergeStrategy, frozen_key
 from fedllama.model import adapters, train
+from fedllama.privacy.dp import privatize
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,12 @@ def run_round(
         pad_id = int(tok.pad_token_id)
         batch = cfg.train.eval_batch_size
         metrics["client-eval-loss"] = train.evaluate(lora_model, eval_set, batch, pad_id)
+    if not cfg.dp.enabled:
+        return RoundOutput(merge.encode(delta, float(result.num_examples), view), metrics)
+    # DP-FedAvg: every client weighs 1, clips its update (and adds noise when it is local)
+    encoded = merge.encode(delta, 1.0, view)
     return RoundOutput(
-        encoded=merge.encode(delta, float(result.num_examples), view), metrics=metrics
+        privatize(encoded, merge.count_keys, cfg.dp, server_round, client_id), metrics
     )
 
 

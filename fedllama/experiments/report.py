@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from fedllama.server.metrics import MetricsRow
 
 Series = tuple[str, str, list[tuple[int, float]]]  # label, matplotlib style, (round, value)
 
 
-def _plot(series: list[Series], path: Path, title: str, ylabel: str) -> Path:
+def _plot(
+    series: list[Series],
+    path: Path,
+    title: str,
+    ylabel: str,
+    right: tuple[str, list[tuple[int, float]]] | None = None,
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +33,15 @@ def _plot(series: list[Series], path: Path, title: str, ylabel: str) -> Path:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if right is not None:
+        label, pts = right
+        twin = ax.twinx()
+        twin.plot([p[0] for p in pts], [p[1] for p in pts], "^:", color="tab:red", label=label)
+        twin.set_ylabel("ε (client-level)")
+        more = twin.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -47,12 +62,25 @@ def _train_points(rows: list[MetricsRow]) -> list[tuple[int, float]]:
     ]
 
 
+def _epsilon_points(rows: list[MetricsRow]) -> list[tuple[int, float]]:
+    return [
+        (r.round, float(r.dp["epsilon"]))
+        for r in rows
+        if r.dp is not None and r.dp.get("epsilon") is not None
+    ]
+
+
 def plot_losses(rows: list[MetricsRow], path: Path, title: str = "fedllama") -> Path:
-    """Eval and train loss per round as a PNG."""
+    """Eval and train loss per round as a PNG; with DP, ε per round on a second axis."""
     series = [
         ("global eval loss", "o-", _eval_points(rows)),
         ("client train loss (during the round)", "s--", _train_points(rows)),
     ]
+    epsilon = _epsilon_points(rows)
+    if epsilon:
+        dp = next(r.dp for r in rows if r.dp is not None)
+        label = f"ε at δ={dp['delta']:g} ({dp['accountant']}, {dp['sampling']} sampling)"
+        return _plot(series, path, title, "loss (per answer token)", (label, epsilon))
     return _plot(series, path, title, "loss (per answer token)")
 
 
@@ -62,14 +90,19 @@ def _loss(x: float | None, width: int) -> str:
 
 def summary(rows: list[MetricsRow]) -> str:
     """A short table: eval loss, train loss, bytes and seconds per round."""
-    header = ("round", "eval_loss", "train_loss", "MB up", "MB down", "s")
-    widths = (5, 9, 10, 7, 7, 6)
+    dp = any(r.dp is not None for r in rows)
+    header = ("round", "eval_loss", "train_loss", "MB up", "MB down", "s") + (("ε",) if dp else ())
+    widths = (5, 9, 10, 7, 7, 6) + ((8,) if dp else ())
     lines = ["  ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True))]
     for r in rows:
-        lines.append(
+        line = (
             f"{r.round:>5}  {_loss(r.eval_loss, 9)}  {_loss(r.train_loss, 10)}  "
             f"{r.bytes_up / 1e6:>7.2f}  {r.bytes_down / 1e6:>7.2f}  {r.seconds:>6.1f}"
         )
+        if dp:
+            eps = r.dp.get("epsilon") if r.dp else None
+            line += f"  {eps:>8.3f}" if eps is not None else f"  {'-':>8}"
+        lines.append(line)
     evals = [r for r in rows if _finite(r.eval_loss)]
     if len(evals) >= 2:
         first, last = evals[0], evals[-1]
@@ -78,7 +111,21 @@ def summary(rows: list[MetricsRow]) -> str:
             f"eval loss {first.eval_loss:.4f} (round {first.round}) -> "
             f"{last.eval_loss:.4f} (round {last.round}): {change:+.4f}"
         )
+    last_dp = next((r.dp for r in reversed(rows) if r.dp and r.dp.get("epsilon") is not None), None)
+    if last_dp is not None:
+        lines.append(_epsilon_line(last_dp))
     return "\n".join(lines)
+
+
+def _epsilon_line(dp: dict[str, Any]) -> str:
+    """ε with the assumptions it rests on."""
+    sampling = dp["sampling"] + (f" q={dp['sampling_rate']:g}" if dp.get("sampling_rate") else "")
+    return (
+        f"ε = {dp['epsilon']:.3f} at δ = {dp['delta']:g} ({dp['accountant']} accountant; "
+        f"privacy unit: one {dp['unit']}; {dp['placement']} Gaussian noise z = "
+        f"{dp['noise_multiplier']:.4g} on updates clipped to C = {dp['clip_norm']:g}; "
+        f"{sampling} sampling; the clients' metrics are sent in the clear and not covered)"
+    )
 
 
 def _comparison_row(name: str, rows: list[MetricsRow], rounds: int) -> str:

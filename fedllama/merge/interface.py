@@ -43,6 +43,12 @@ class MergeStrategy(Protocol):
     """Factors each client trains but keeps to itself across rounds (never sent)."""
     residual: ClassVar[bool]
     """Whether the global state carries a frozen residual adapter (ResidualMergeStrategy)."""
+    count_keys: ClassVar[frozenset[str]]
+    """Encoding keys that carry the client's weight, not its update. Under differential privacy
+    clients weigh 1, clip the other keys as one vector, and the server releases these as the
+    expected number of clients (``fedllama.privacy.dp``)."""
+    dp_refusal: ClassVar[str]
+    """Why client-level DP cannot protect this rule; empty when it can."""
 
     def frozen(self, server_round: int) -> frozenset[str]:
         """LoRA factors (``"lora_A"``, ``"lora_B"``) clients keep fixed in ``server_round``.

@@ -10,11 +10,11 @@ through one method, :meth:`Aggregator.aggregate`, whatever computes the sum:
   the masked sum, and decodes it with the same ``merge.decode``.
 
 Every path counts replies with the same tally (:meth:`RoundRecord.accept` and
-:meth:`RoundRecord.drop`), so a round's metrics row is built in one place. Where later
-mechanisms plug in (``docs/architecture.md``): a robust combiner is another :class:`Combiner`;
-a wire codec decodes inside :func:`fedllama.wire.validate.validate_reply`; central DP noise is
-added to the combined delta in :meth:`Combiner.result`'s caller, distributed noise on the
-clients before masking.
+:meth:`RoundRecord.drop`), so a round's metrics row is built in one place, and every summable
+path decodes through :meth:`RoundPlan.decode`, where differential privacy's release (central
+noise, fixed denominator) sits. Where other mechanisms plug in (``docs/architecture.md``): a
+robust combiner is another :class:`Combiner`; a wire codec decodes inside
+:func:`fedllama.wire.validate.validate_reply`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+import torch
+
 from fedllama.config import Config
 from fedllama.merge import (
     AdapterState,
@@ -32,6 +34,7 @@ from fedllama.merge import (
     SumAccumulator,
     TrustedMergeStrategy,
 )
+from fedllama.privacy.dp import Release
 from fedllama.server.replies import stream_replies
 from fedllama.wire.records import ARRAYS, record_bytes
 from fedllama.wire.validate import ReplyError, ReplySpec, validate_reply
@@ -64,6 +67,19 @@ class RoundPlan:
     spec: ReplySpec
     """The keys and shapes of a valid encoding."""
     on_reply: OnReply | None = None
+    release: Release | None = None
+    """Under differential privacy: what the sum goes through before ``merge.decode`` (noise,
+    fixed denominator). A round in which no client was counted then releases noise alone."""
+
+    def decode(self, summed: AdapterState) -> AdapterState:
+        """The aggregated delta from the sum of the encodings (released first under DP)."""
+        if self.release is not None:
+            summed = self.release(summed)
+        return self.merge.decode(summed, self.global_state)
+
+    def zeros(self) -> AdapterState:
+        """An all-zero sum of the expected shapes: the sum of no client."""
+        return {k: torch.zeros(shape) for k, shape in self.spec.shapes.items()}
 
 
 @dataclass
@@ -82,6 +98,11 @@ class RoundRecord:
     clients: list[dict[str, Any]] = field(default_factory=list)
     secagg: dict[str, Any] | None = None
     """The secure path's protocol figures (None on the plain path)."""
+    dp: dict[str, Any] | None = None
+    """Under differential privacy: ε after the round and what it assumes."""
+    noise_only: bool = False
+    """Under DP, the round asked no client (too few sampled to aggregate securely) and
+    released noise alone."""
     examples: float = 0.0
     weighted_loss: float = 0.0
 
@@ -136,10 +157,11 @@ class Combiner(Protocol):
 
 
 class SumCombiner:
-    """Summable strategies: one running sum (memory flat in the number of clients), decoded."""
+    """Summable strategies: one running sum (memory flat in the number of clients), decoded by
+    the plan (through the DP release when there is one)."""
 
-    def __init__(self, merge: MergeStrategy) -> None:
-        self.merge = merge
+    def __init__(self, plan: RoundPlan) -> None:
+        self.plan = plan
         self.acc = SumAccumulator()
 
     def add(self, encoded: AdapterState) -> None:
@@ -147,8 +169,8 @@ class SumCombiner:
         self.acc.add(encoded)
 
     def result(self, global_state: AdapterState, server_round: int) -> AdapterState:
-        """``merge.decode`` of the sum."""
-        return self.merge.decode(self.acc.total, global_state)
+        """The decoded sum."""
+        return self.plan.decode(self.acc.total if self.acc.count else self.plan.zeros())
 
 
 class CollectCombiner:
@@ -167,9 +189,9 @@ class CollectCombiner:
         return self.merge.aggregate(self.held, global_state, server_round)
 
 
-def combiner_for(merge: MergeStrategy) -> Combiner:
+def combiner_for(plan: RoundPlan) -> Combiner:
     """The running sum for a summable strategy, the collection otherwise."""
-    return SumCombiner(merge) if merge.summable else CollectCombiner(merge)
+    return SumCombiner(plan) if plan.merge.summable else CollectCombiner(plan.merge)
 
 
 def collect(plan: RoundPlan, replies: Iterable[Message], record: RoundRecord) -> RoundRecord:
@@ -178,7 +200,7 @@ def collect(plan: RoundPlan, replies: Iterable[Message], record: RoundRecord) ->
     A reply that is an error, fails validation or cannot be merged is dropped (logged with the
     node and the reason); the others are counted and combined.
     """
-    combiner = combiner_for(plan.merge)
+    combiner = combiner_for(plan)
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -194,7 +216,7 @@ def collect(plan: RoundPlan, replies: Iterable[Message], record: RoundRecord) ->
         record.accept(
             node, valid.num_examples, valid.train_loss, valid.metrics, nbytes, plan.on_reply
         )
-    if record.ok:
+    if record.ok or plan.release is not None:
         record.delta = combiner.result(plan.global_state, plan.server_round)
     return record
 

@@ -95,11 +95,12 @@ def load_global(out: Path, server_round: int) -> tuple[AdapterState, AdapterStat
     return load_file(str(directory / SERVER_STATE)), load_file(str(directory / OPTIMIZER_STATE))
 
 
-_MUST_MATCH = ("model", "lora", "strategy", "data")
+_MUST_MATCH = ("model", "lora", "strategy", "data", "dp")
 
 
 def check_resumable(out: Path, cfg: Config) -> None:
-    """Refuse to resume a run whose model, LoRA, strategy, data or optimizer settings differ."""
+    """Refuse to resume a run whose model, LoRA, strategy, data, DP or optimizer settings differ
+    (a privacy ledger composes the rounds of one DP configuration)."""
     saved_path = out / CONFIG
     if not saved_path.is_file():
         return

@@ -31,6 +31,7 @@ from fedllama.server.aggregate import (
     RoundRecord,
     build_aggregator,
 )
+from fedllama.server.dp import PrivacyBudgetSpent, ServerDp
 from fedllama.server.evaluator import Evaluator, server_view
 from fedllama.server.metrics import (
     MetricsRow,
@@ -58,6 +59,7 @@ class ServerRun:
     optimizer: ServerOptimizer
     strategy: FedLlamaStrategy
     aggregator: Aggregator
+    dp: ServerDp | None
 
     @classmethod
     def start(cls, cfg: Config, merge: MergeStrategy) -> ServerRun:
@@ -65,12 +67,14 @@ class ServerRun:
         out = Path(cfg.output.dir)
         checkpoint.check_resumable(out, cfg)
         checkpoint.write_config(out, cfg)
+        dp = ServerDp.start(cfg) if cfg.dp.enabled else None
         strategy = FedLlamaStrategy(
             merge,
-            to_yaml(cfg),
+            to_yaml(dp.resolved() if dp else cfg),  # clients need a calibrated z
             rank=cfg.lora.r,
             fraction_train=cfg.server.fraction_train,
             min_nodes=cfg.server.min_replies,
+            sampler=dp.sampler if dp else None,
         )
         return cls(
             cfg=cfg,
@@ -81,6 +85,7 @@ class ServerRun:
             optimizer=build_server_optimizer(cfg.server),
             strategy=strategy,
             aggregator=build_aggregator(cfg),
+            dp=dp,
         )
 
     def evaluate(self, global_state: AdapterState) -> float:
@@ -109,7 +114,11 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[MetricsRow
     run = ServerRun.start(cfg, merge)
     global_state, done = bootstrap_or_resume(run)
     for server_round in range(done + 1, cfg.server.rounds + 1):
-        global_state = one_round(run, grid, global_state, server_round)
+        try:
+            global_state = one_round(run, grid, global_state, server_round)
+        except PrivacyBudgetSpent as err:
+            log.warning("dp: %s", err)
+            break
     return read_rows(run.out)
 
 
@@ -125,6 +134,8 @@ def bootstrap_or_resume(run: ServerRun) -> tuple[AdapterState, int]:
         global_state, optimizer_state = checkpoint.load_global(out, done)
         run.optimizer.load_state_dict(optimizer_state)
         truncate_rows(out, done)
+        if run.dp is not None:
+            run.dp.resume(read_rows(out))
         if done >= cfg.server.rounds:
             log.info("%s already holds %d rounds; nothing to do", out, done)
         else:
@@ -135,7 +146,9 @@ def bootstrap_or_resume(run: ServerRun) -> tuple[AdapterState, int]:
     eval_loss = run.evaluate(global_state)
     run.save(0, global_state)
     truncate_rows(out, -1)
-    append_row(out, MetricsRow(round=0, eval_loss=eval_loss, seconds=time.perf_counter() - t0))
+    dp = run.dp.summary(0.0) if run.dp else None
+    row = MetricsRow(round=0, eval_loss=eval_loss, seconds=time.perf_counter() - t0, dp=dp)
+    append_row(out, row)
     log.info("round 0 (initial adapter): eval_loss %.4f", eval_loss)
     return global_state, 0
 
@@ -152,7 +165,7 @@ def one_round(
     row = MetricsRow(
         round=server_round,
         eval_loss=eval_loss,
-        train_loss=record.train_loss,
+        train_loss=record.train_loss if record.ok else None,  # none counted: DP noise only
         bytes_up=record.bytes_up,
         bytes_down=record.bytes_down,
         seconds=time.perf_counter() - t0,
@@ -161,6 +174,7 @@ def one_round(
         clients_dropped=record.dropped,
         clients=record.clients,
         secagg=record.secagg,
+        dp=record.dp,
     )
     append_row(run.out, row)
     log.info(
@@ -191,17 +205,25 @@ def aggregate_round(
     messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
     log.info("round %d/%d: training on %d clients", server_round, cfg.server.rounds, len(messages))
     plan = strategy.plan(server_round, messages, _log_reply(server_round, len(messages)))
+    needed = cfg.server.min_replies
+    if run.dp is not None:
+        run.dp.check_budget(server_round, strategy.population)
+        expected = run.dp.sampler.expected(strategy.population)
+        plan.release = run.dp.release(run.merge.count_keys, expected, server_round)
+        needed = min(needed, len(messages))  # a small Poisson sample still releases its sum
     kept = f"the global adapter stays at round {server_round - 1} in {out}"
     try:
         record = run.aggregator.aggregate(grid, plan)
     except RoundFailed as err:
         raise RoundFailed(f"{err}; {kept}") from None
-    if record.ok < cfg.server.min_replies or record.delta is None:
+    if record.delta is None or (record.ok < needed and not record.noise_only):
         missing = len(messages) - record.ok - record.dropped
         raise RoundFailed(
             f"round {server_round}: {record.ok} good replies ({record.dropped} dropped, "
             f"{missing} missing), server.min_replies={cfg.server.min_replies}; {kept}"
         )
+    if run.dp is not None:
+        record.dp = run.dp.record(strategy.population, len(messages), expected)
     return record, record.delta
 
 

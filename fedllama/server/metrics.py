@@ -32,6 +32,8 @@ class MetricsRow:
         clients: each counted client's metrics (``node`` plus what it reported).
         secagg: with secure aggregation, the protocol's figures (neighbours, threshold,
             clipped values, unmasked dropouts, per stage traffic and time).
+        dp: with differential privacy, ε at δ after this round and every assumption it rests
+            on (accountant, z, C, placement, sampling, the unit of privacy, the round's event).
     """
 
     round: int
@@ -45,12 +47,14 @@ class MetricsRow:
     clients_dropped: int = 0
     clients: list[dict[str, Any]] = field(default_factory=list)
     secagg: dict[str, Any] | None = None
+    dp: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The row as written (``secagg`` only when secure aggregation ran)."""
+        """The row as written (``secagg`` and ``dp`` only when they ran)."""
         row = asdict(self)
-        if row["secagg"] is None:
-            del row["secagg"]
+        for optional in ("secagg", "dp"):
+            if row[optional] is None:
+                del row[optional]
         return row
 
     @classmethod

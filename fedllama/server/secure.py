@@ -129,6 +129,17 @@ class SecureAggregator:
             raise RoundFailed(
                 f"strategy {plan.merge.name} is not summable; secure aggregation needs a sum"
             )
+        if plan.release is not None and len(plan.messages) < 2:
+            # DP sampled fewer than two: their sum would be one client's update, so nobody is
+            # asked and the round releases noise alone
+            log.info(
+                "round %d: %d client(s) sampled; secure aggregation needs 2: the round releases "
+                "DP noise only",
+                plan.server_round,
+                len(plan.messages),
+            )
+            delta = plan.decode(plan.zeros())
+            return RoundRecord(server_round=plan.server_round, delta=delta, noise_only=True)
         try:
             return _SecureRound(grid, plan, self.cfg, self.train_timeout).run()
         except SecAggAbort as err:
@@ -172,7 +183,7 @@ class _SecureRound:
         record = self.record
         record.dropped = len(self.nodes) - record.ok
         try:
-            record.delta = self.plan.merge.decode(summed, self.plan.global_state)
+            record.delta = self.plan.decode(summed)
         except MergeError as err:
             raise SecAggAbort(f"the unmasked sum cannot be decoded: {err}") from None
         record.secagg = self.figures()

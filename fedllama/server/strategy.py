@@ -14,17 +14,22 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedllama.merge import AdapterState, MergeStrategy, frozen_key
+from fedllama.privacy.dp import Sampler
 from fedllama.server.aggregate import OnReply, RoundPlan, RoundRecord, collect
 from fedllama.wire.records import CONFIG_YAML, NUM_EXAMPLES, TRAIN_LOSS, to_record
 from fedllama.wire.validate import ReplySpec
+
+log = logging.getLogger(__name__)
 
 
 class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
@@ -37,6 +42,7 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
             a summable strategy's encodings keep equal across ranks.
         fraction_train: share of connected nodes sampled per round.
         min_nodes: nodes that must be connected before a round starts.
+        sampler: under differential privacy, who takes part (instead of ``fraction_train``).
     """
 
     def __init__(
@@ -46,6 +52,7 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         rank: int,
         fraction_train: float = 1.0,
         min_nodes: int = 1,
+        sampler: Sampler | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -54,6 +61,9 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
             min_available_nodes=min_nodes,
         )
         self.merge = merge
+        self.sampler = sampler
+        self.population = 0
+        """Nodes connected when ``sampler`` last drew a round."""
         self.config_yaml = config_yaml
         self.rank = rank
         self.global_state: AdapterState = {}
@@ -74,9 +84,22 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
     ) -> Iterable[Message]:
         """One message per sampled node: the global state and the run config."""
         config[CONFIG_YAML] = self.config_yaml
-        return list(
-            super().configure_train(server_round, to_record(self.global_state), config, grid)
+        arrays = to_record(self.global_state)
+        if self.sampler is None:
+            return list(super().configure_train(server_round, arrays, config, grid))
+        _, connected = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
+        self.population = len(connected)
+        chosen = self.sampler.sample(connected, server_round)
+        log.info(
+            "round %d: dp.sampling=%s chose %d of %d nodes",
+            server_round,
+            self.sampler.cfg.sampling,
+            len(chosen),
+            len(connected),
         )
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, chosen, MessageType.TRAIN))
 
     def plan(
         self, server_round: int, messages: Sequence[Message], on_reply: OnReply | None = None

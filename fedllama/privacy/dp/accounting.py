@@ -1,0 +1,144 @@
+"""The privacy ledger: ε at δ after every released round, from Google's dp-accounting.
+
+Each released round adds one :class:`RoundEvent`. Its ``dp_event`` is what dp-accounting
+composes; the noise multiplier it carries is relative to the L2 sensitivity of what is
+released, which depends on the adjacency the sampling implies (docs/privacy.md):
+
+=========================  =====================  ===========================================
+``dp.sampling`` (central)  adjacency              event (σ = z·C on the sum)
+=========================  =====================  ===========================================
+``poisson`` (rate q)       add/remove one client  PoissonSampled(q, Gaussian(z))
+``fixed`` (m of N)         replace one client     SampledWithoutReplacement(N, m, Gaussian(z/2))
+                                                  (replacing a client moves the sum by 2C)
+``all``                    add/remove one client  Gaussian(z)
+=========================  =====================  ===========================================
+
+With ``dp.placement=local`` the server sees each client's own noisy update, so sampling
+amplifies nothing and two inputs of one client differ by up to 2C: Gaussian(z/2) per round in
+which the client takes part, counted for every round (the worst case of a client in all).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import dp_accounting as dpa
+from dp_accounting import pld, rdp
+
+from fedllama.config import DpConfig
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    """What one released round costs (as recorded in its metrics row)."""
+
+    noise_multiplier: float
+    """z: the noise's standard deviation over the clip norm, σ / C."""
+    sampling: str
+    placement: str
+    sampling_rate: float = 1.0
+    population: int = 0
+    sample_size: int = 0
+
+    @property
+    def replace_one(self) -> bool:
+        """Whether the event is stated under replace-one adjacency (else add/remove one)."""
+        return self.sampling == "fixed" and self.placement == "central"
+
+    def dp_event(self) -> dpa.DpEvent:
+        """The event dp-accounting composes."""
+        z = self.noise_multiplier
+        if self.placement == "local":
+            return dpa.GaussianDpEvent(z / 2)
+        if self.sampling == "poisson":
+            return dpa.PoissonSampledDpEvent(self.sampling_rate, dpa.GaussianDpEvent(z))
+        if self.sampling == "fixed":
+            return dpa.SampledWithoutReplacementDpEvent(
+                self.population, self.sample_size, dpa.GaussianDpEvent(z / 2)
+            )
+        return dpa.GaussianDpEvent(z)
+
+    def to_json(self) -> dict[str, Any]:
+        """For the metrics row."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> RoundEvent:
+        """From a metrics row."""
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__})
+
+
+def round_event(cfg: DpConfig, noise_multiplier: float, population: int) -> RoundEvent:
+    """The event of a round under ``cfg`` with ``population`` nodes to sample from."""
+    return RoundEvent(
+        noise_multiplier=noise_multiplier,
+        sampling=cfg.sampling,
+        placement=cfg.placement,
+        sampling_rate=cfg.sampling_rate if cfg.sampling == "poisson" else 1.0,
+        population=population,
+        sample_size=min(cfg.clients_per_round, population) if cfg.sampling == "fixed" else 0,
+    )
+
+
+def _accountant(kind: str, replace_one: bool) -> dpa.PrivacyAccountant:
+    relation = (
+        dpa.NeighboringRelation.REPLACE_ONE
+        if replace_one
+        else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+    )
+    if kind == "pld":
+        return pld.PLDAccountant(neighboring_relation=relation)
+    return rdp.RdpAccountant(neighboring_relation=relation)
+
+
+def composed(events: Iterable[RoundEvent]) -> dpa.DpEvent:
+    """All rounds as one event; runs of equal rounds are self-composed (cheap for PLD)."""
+    parts = [
+        dpa.SelfComposedDpEvent(event.dp_event(), len(list(run)))
+        for event, run in itertools.groupby(events)
+    ]
+    return dpa.ComposedDpEvent(parts)
+
+
+class Ledger:
+    """ε at δ over the released rounds, from a fresh ``rdp`` or ``pld`` accountant."""
+
+    def __init__(self, accountant: str, delta: float, events: Iterable[RoundEvent] = ()) -> None:
+        self.accountant = accountant
+        self.delta = delta
+        self.events: list[RoundEvent] = list(events)
+
+    def epsilon(self, *extra: RoundEvent) -> float:
+        """ε after the recorded rounds (and ``extra`` ones, to look ahead); 0 before any."""
+        events = [*self.events, *extra]
+        if not events:
+            return 0.0
+        acc = _accountant(self.accountant, events[0].replace_one)
+        acc.compose(composed(events))
+        return float(acc.get_epsilon(self.delta))
+
+    def add(self, event: RoundEvent) -> float:
+        """Record a released round; ε after it."""
+        self.events.append(event)
+        return self.epsilon()
+
+
+def calibrate_noise(cfg: DpConfig, rounds: int, population: int) -> float:
+    """The smallest z (within dp-accounting's tolerance) whose ε after ``rounds`` released
+    rounds is at most ``cfg.target_epsilon`` at ``cfg.delta``."""
+    probe = round_event(cfg, 1.0, population)
+
+    def event(z: float) -> dpa.DpEvent:
+        return composed([round_event(cfg, z, population)] * rounds)
+
+    return float(
+        dpa.calibrate_dp_mechanism(
+            lambda: _accountant(cfg.accountant, probe.replace_one),
+            event,
+            cfg.target_epsilon,
+            cfg.delta,
+        )
+    )

@@ -1,0 +1,122 @@
+"""The Gaussian mechanism of DP-FedAvg on encodings: clip on the client, noise and a fixed
+denominator at release.
+
+An encoding holds *payload* keys (the client's update, ``w·Δ`` with w = 1 under DP) and
+*count* keys (the client's weight, e.g. ``fedllama.weight`` or a slot mask of ones), which a
+strategy names in ``count_keys``. Clipping bounds the payload of every client to L2 norm C, so
+one client changes the payload of the sum by at most C (add/remove one client; 2C when one
+client is replaced by another). The count keys of the sum are the number of clients that took
+part, which itself reveals participation: :class:`Release` replaces them with the expected
+number (McMahan et al.'s fixed-denominator estimator), so only the noisy payload is released.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedllama.config import DpConfig
+from fedllama.merge import AdapterState
+
+
+def payload_keys(encoded: AdapterState, count_keys: Iterable[str]) -> list[str]:
+    """The keys of ``encoded`` that carry the client's update (all but the count keys)."""
+    counts = set(count_keys)
+    return sorted(k for k in encoded if k not in counts)
+
+
+def update_norm(encoded: AdapterState, count_keys: Iterable[str]) -> float:
+    """L2 norm of the payload as one vector."""
+    keys = payload_keys(encoded, count_keys)
+    return math.sqrt(sum(float(encoded[k].double().pow(2).sum()) for k in keys))
+
+
+def clip_update(
+    encoded: AdapterState, count_keys: Iterable[str], clip_norm: float
+) -> tuple[AdapterState, float]:
+    """The encoding with its payload scaled to L2 norm at most ``clip_norm``, and the norm it
+    had (which stays on the client: sending it would leak)."""
+    norm = update_norm(encoded, count_keys)
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    keys = set(payload_keys(encoded, count_keys))
+    return {k: v * scale if k in keys else v for k, v in encoded.items()}, norm
+
+
+SERVER_STREAM, CLIENT_STREAM = 1, 2
+"""First stream word of the server's noise and of a client's (they never coincide)."""
+
+
+def noise_generator(seed: int | None, *stream: int) -> torch.Generator:
+    """A generator seeded from ``seed`` and ``stream`` (non-negative integers; reproducible
+    runs), or from the OS's CSPRNG when ``seed`` is None. The Gaussian itself is torch's
+    floating-point sampler (not hardened against floating-point attacks; docs/privacy.md)."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.manual_seed(secrets.randbits(63))
+    else:
+        state = np.random.SeedSequence([seed, *stream]).generate_state(1, np.uint64)[0]
+        generator.manual_seed(int(state) >> 1)
+    return generator
+
+
+def add_noise(
+    state: AdapterState, keys: Iterable[str], std: float, generator: torch.Generator
+) -> AdapterState:
+    """``state`` with N(0, std²) added to every coordinate of ``keys``."""
+    out = dict(state)
+    for key in keys:
+        value = state[key].to(torch.float32)
+        out[key] = value + std * torch.randn(value.shape, generator=generator)
+    return out
+
+
+@dataclass
+class Release:
+    """What the server does to the sum of clipped encodings before ``merge.decode``.
+
+    Args:
+        count_keys: the strategy's count keys.
+        noise_std: σ = z·C added to every payload coordinate of the sum (``central``); 0 when
+            the clients added their noise themselves (``local``).
+        generator: the noise's generator.
+        expected_clients: the round's expected number of clients (the fixed denominator).
+    """
+
+    count_keys: frozenset[str]
+    noise_std: float
+    generator: torch.Generator
+    expected_clients: float
+
+    def __call__(self, summed: AdapterState) -> AdapterState:
+        """The noisy payload, and the expected number of clients in every count key."""
+        out = add_noise(
+            summed, payload_keys(summed, self.count_keys), self.noise_std, self.generator
+        )
+        for key in self.count_keys & set(summed):
+            out[key] = torch.full_like(summed[key], float(self.expected_clients))
+        return out
+
+
+def privatize(
+    encoded: AdapterState,
+    count_keys: frozenset[str],
+    cfg: DpConfig,
+    server_round: int,
+    client_id: int,
+) -> AdapterState:
+    """A client's encoding as DP-FedAvg sends it: the payload clipped to ``dp.clip_norm``, and
+    with ``dp.placement=local`` the whole noise N(0, (zC)²) added by the client itself.
+
+    The encoding must have been made with weight 1; the norm before clipping stays here.
+    """
+    clipped, _ = clip_update(encoded, count_keys, cfg.clip_norm)
+    if cfg.placement != "local":
+        return clipped
+    generator = noise_generator(cfg.seed, CLIENT_STREAM, server_round, client_id)
+    std = cfg.noise_multiplier * cfg.clip_norm
+    return add_noise(clipped, payload_keys(clipped, count_keys), std, generator)

@@ -1,0 +1,128 @@
+"""The server's side of client-level DP: z, who takes part, the release, the ledger.
+
+Built once per run when ``dp.enabled`` (``docs/privacy.md``). ``z`` is ``dp.noise_multiplier``,
+or calibrated before the first round so that ε after ``server.rounds`` rounds meets
+``dp.target_epsilon``; clients receive the config with that z. Each round the strategy samples
+its nodes with :attr:`ServerDp.sampler`, the aggregator releases the sum through
+:meth:`ServerDp.release`, and the loop records the round in the ledger, whose events are written
+in every metrics row and read back on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fedllama.config import Config
+from fedllama.privacy.dp import (
+    Ledger,
+    Release,
+    RoundEvent,
+    Sampler,
+    calibrate_noise,
+    noise_generator,
+    round_event,
+)
+from fedllama.privacy.dp.mechanism import SERVER_STREAM
+from fedllama.server.metrics import MetricsRow
+
+log = logging.getLogger(__name__)
+
+
+class PrivacyBudgetSpent(RuntimeError):
+    """The next round would take ε past ``dp.target_epsilon``; it is not run."""
+
+
+@dataclass
+class ServerDp:
+    """The run's DP state on the server."""
+
+    cfg: Config
+    noise_multiplier: float
+    ledger: Ledger
+    sampler: Sampler
+
+    @classmethod
+    def start(cls, cfg: Config) -> ServerDp:
+        """z, given or calibrated; an empty ledger (:meth:`resume` fills it)."""
+        dp = cfg.dp
+        z = dp.noise_multiplier
+        if dp.target_epsilon > 0:
+            population = cfg.simulation.num_clients
+            z = calibrate_noise(dp, cfg.server.rounds, population)
+            log.info(
+                "dp: z = %.4f gives ε ≤ %g at δ = %g after %d rounds (%s, %s sampling, %d clients)",
+                z,
+                dp.target_epsilon,
+                dp.delta,
+                cfg.server.rounds,
+                dp.accountant,
+                dp.sampling,
+                population,
+            )
+        return cls(cfg, z, Ledger(dp.accountant, dp.delta), Sampler(dp))
+
+    def resume(self, rows: list[MetricsRow]) -> None:
+        """The ledger of the rounds ``rows`` released (a resumed run continues it)."""
+        events = [RoundEvent.from_json(r.dp["event"]) for r in rows if r.dp and "event" in r.dp]
+        self.ledger = Ledger(self.cfg.dp.accountant, self.cfg.dp.delta, events)
+        if events:
+            log.info(
+                "dp: resumed the ledger of %d rounds: ε = %.4f", len(events), self.ledger.epsilon()
+            )
+
+    def resolved(self) -> Config:
+        """The config clients get: z in ``dp.noise_multiplier`` (local noise needs it)."""
+        dp = replace(self.cfg.dp, noise_multiplier=self.noise_multiplier, target_epsilon=0.0)
+        return replace(self.cfg, dp=dp)
+
+    def event(self, population: int) -> RoundEvent:
+        """What a round with ``population`` nodes to sample from costs."""
+        return round_event(self.cfg.dp, self.noise_multiplier, population)
+
+    def check_budget(self, server_round: int, population: int) -> None:
+        """Raise :class:`PrivacyBudgetSpent` if the round would take ε past the target."""
+        target = self.cfg.dp.target_epsilon
+        if target <= 0:
+            return
+        after = self.ledger.epsilon(self.event(population))
+        if after > target * (1 + 1e-6):
+            raise PrivacyBudgetSpent(
+                f"round {server_round} would take ε to {after:.4f} > dp.target_epsilon={target} "
+                f"at δ={self.cfg.dp.delta}; the run stops after round {server_round - 1}"
+            )
+
+    def release(
+        self, count_keys: frozenset[str], expected_clients: float, server_round: int
+    ) -> Release:
+        """The round's release: central noise (none when clients added it) and the fixed
+        denominator."""
+        central = self.cfg.dp.placement == "central"
+        std = self.noise_multiplier * self.cfg.dp.clip_norm if central else 0.0
+        generator = noise_generator(self.cfg.dp.seed, SERVER_STREAM, server_round)
+        return Release(count_keys, std, generator, expected_clients)
+
+    def record(self, population: int, sampled: int, expected: float) -> dict[str, Any]:
+        """Add the released round to the ledger; its ``dp`` entry for the metrics row."""
+        event = self.event(population)
+        epsilon = self.ledger.add(event)
+        return self.summary(epsilon, sampled, expected) | {"event": event.to_json()}
+
+    def summary(self, epsilon: float, sampled: int = 0, expected: float = 0.0) -> dict[str, Any]:
+        """ε with every assumption it rests on, for the metrics row."""
+        dp = self.cfg.dp
+        return {
+            "epsilon": epsilon if math.isfinite(epsilon) else None,
+            "delta": dp.delta,
+            "accountant": dp.accountant,
+            "noise_multiplier": self.noise_multiplier,
+            "clip_norm": dp.clip_norm,
+            "placement": dp.placement,
+            "sampling": dp.sampling,
+            "sampling_rate": dp.sampling_rate if dp.sampling == "poisson" else None,
+            "clients_sampled": sampled,
+            "clients_expected": expected,
+            "unit": "client (add/remove one)" if dp.sampling != "fixed" else "client (replace one)",
+        }
