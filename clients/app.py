@@ -6,6 +6,9 @@ Per-node settings come from the SuperNode's node config (``data-path``, ``lora-r
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import cast
+
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -32,6 +35,7 @@ def train(msg: Message, context: Context) -> Message:
         ARRAYS,
         CONFIG,
         CONFIG_YAML,
+        DP_CLIP_NORM,
         METRICS,
         ROUND,
         from_record,
@@ -43,6 +47,9 @@ def train(msg: Message, context: Context) -> Message:
     node = NodeSettings.from_node_config(dict(context.node_config))
     run_cfg = from_yaml(str(settings[CONFIG_YAML]))
     cfg = node.apply(run_cfg)
+    if DP_CLIP_NORM in settings:  # this round's C: it adapts under dp.adaptive_clipping
+        clip_norm = float(cast(float, settings[DP_CLIP_NORM]))
+        cfg = replace(cfg, dp=replace(cfg.dp, clip_norm=clip_norm))
     split = load_split(cfg, node)
     merge = strategies.build(run_cfg)
     rank = node.rank(run_cfg)

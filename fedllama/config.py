@@ -351,6 +351,17 @@ class DpConfig:
     seed: int | None = None
     """Seeds the sampling and the noise for a reproducible research run; unset (the default),
     both come from the operating system's entropy, as a real deployment needs."""
+    adaptive_clipping: bool = False
+    """Adapt C each round towards the ``target_quantile`` of the clients' update norms
+    (Andrew et al., NeurIPS 2021); ``clip_norm`` is then the initial C."""
+    target_quantile: float = 0.5
+    """γ: the share of clients whose update should fit under C."""
+    clip_lr: float = 0.2
+    """η of the geometric update C ← C·exp(−η(b̃ − γ))."""
+    count_noise: float = 0.0
+    """σ_b: the noise on the count of unclipped clients; 0 = the expected clients per round
+    / 20 (Andrew et al.'s choice). Must exceed z/2: the update's noise then grows to
+    z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2), so that the round as a whole still has multiplier z."""
 
     def __post_init__(self) -> None:
         _one_of(self.placement, "dp.placement", DP_PLACEMENTS)
@@ -378,8 +389,21 @@ class DpConfig:
             "dp.clients_per_round",
             f"must be >= 1, got {self.clients_per_round}",
         )
+        _require(
+            0 < self.target_quantile < 1,
+            "dp.target_quantile",
+            f"must be in (0, 1), got {self.target_quantile}",
+        )
+        _require(self.clip_lr > 0, "dp.clip_lr", f"must be > 0, got {self.clip_lr}")
+        _require(self.count_noise >= 0, "dp.count_noise", f"must be >= 0, got {self.count_noise}")
         if not self.enabled:
             return
+        _require(
+            not (self.adaptive_clipping and self.placement == "local"),
+            "dp.adaptive_clipping",
+            "needs dp.placement=central: the count of unclipped clients gets its noise on the "
+            "server",
+        )
         _require(
             (self.noise_multiplier > 0) != (self.target_epsilon > 0),
             "dp.noise_multiplier",

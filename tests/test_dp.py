@@ -3,8 +3,10 @@ the noise of each placement, the sampling, refusals, and ε through real rounds 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,14 +18,17 @@ from fedllama import config as config_lib
 from fedllama.config import ConfigError, DpConfig
 from fedllama.merge import WEIGHT_KEY
 from fedllama.privacy.dp import (
+    UNCLIPPED,
     Ledger,
     Release,
     RoundEvent,
     Sampler,
     calibrate_noise,
     clip_update,
+    next_clip_norm,
     noise_generator,
     privatize,
+    update_noise_multiplier,
 )
 from fedllama.privacy.dp.mechanism import update_norm
 from fedllama.wire.records import ARRAYS, from_record
@@ -269,7 +274,7 @@ def _dp_run(cache_dir: Path, out: Path, *extra: str) -> tuple[list[dict], list[f
         *extra,
     )
     norms: list[float] = []
-    count_keys = strategies.build(cfg).count_keys
+    count_keys = strategies.build(cfg).count_keys | {UNCLIPPED}  # b − 1/2 is not payload
 
     def inspect(pid: int, reply: Message) -> Message:
         if not reply.has_error() and ARRAYS in reply.content.array_records:
@@ -356,3 +361,88 @@ def test_fewer_than_two_sampled_under_secagg_release_noise_only(
     before, _ = adapters.load_adapter(out / "round-000")
     after, _ = adapters.load_adapter(out / "round-001")
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the noise was released
+
+
+# --------------------------------------------------------------------------- adaptive clipping
+
+
+@pytest.mark.parametrize(("target", "quantile"), [(0.5, 1.0), (0.9, math.exp(1.2816))])
+def test_adaptive_clipping_settles_near_the_target_quantile_of_the_norms(
+    target: float, quantile: float
+) -> None:
+    # update norms are log-normal(0, 1): the γ quantile is exp(Φ⁻¹(γ))
+    n, clip = 50, 0.05
+    cfg = DpConfig(
+        enabled=True,
+        noise_multiplier=1.0,
+        adaptive_clipping=True,
+        seed=0,
+        target_quantile=target,
+        clip_lr=0.2,
+    )
+    g = torch.Generator().manual_seed(1)
+    history = []
+    for t in range(200):
+        norms = torch.exp(torch.randn(n, generator=g))
+        total: dict[str, torch.Tensor] = {}
+        for k, norm in enumerate(norms):
+            update = {"payload": torch.zeros(8), WEIGHT_KEY: torch.tensor([1.0])}
+            update["payload"][0] = norm
+            sent = privatize(update, frozenset({WEIGHT_KEY}), replace(cfg, clip_norm=clip), t, k)
+            total = {key: total.get(key, 0) + value for key, value in sent.items()}
+        release = Release(frozenset({WEIGHT_KEY}), 0.0, noise_generator(0, t), n, n / 20)
+        release(total)
+        assert release.unclipped is not None
+        clip = next_clip_norm(clip, release.unclipped, target, 0.2)
+        history.append(clip)
+
+    settled = sum(history[-50:]) / 50
+    assert settled == pytest.approx(quantile, rel=0.15)
+    assert history[0] < 0.1  # it started far below
+
+
+def test_update_noise_grows_so_that_the_round_keeps_multiplier_z() -> None:
+    assert update_noise_multiplier(1.0, 2.0) == pytest.approx((1 - 1 / 16) ** -0.5)
+    assert update_noise_multiplier(1.0, 1e6) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="must exceed z/2"):
+        update_noise_multiplier(2.0, 1.0)
+
+
+def test_adaptive_clipping_needs_central_noise() -> None:
+    with pytest.raises(ConfigError, match="dp.adaptive_clipping: needs dp.placement=central"):
+        config_lib.load(
+            TINY_YAML,
+            [
+                "dp.enabled=true",
+                "dp.noise_multiplier=1",
+                "dp.adaptive_clipping=true",
+                "dp.placement=local",
+            ],
+        )
+
+
+def test_adaptive_clipping_through_rounds_sends_each_rounds_c(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    rows, norms = _dp_run(
+        cache_dir,
+        tmp_path / "run",
+        "server.rounds=3",
+        "dp.noise_multiplier=0.5",
+        "dp.sampling=all",
+        "dp.adaptive_clipping=true",
+        "dp.target_quantile=0.9",
+        "dp.clip_lr=1.0",
+    )
+
+    clips = [row["dp"]["clip_norm"] for row in rows[1:]]
+    assert clips[0] == 0.05
+    for row, following in itertools.pairwise(rows[1:]):
+        assert following["dp"]["clip_norm"] == row["dp"]["next_clip_norm"]
+    assert len(set(clips)) == 3  # C moved every round
+    for r, clip in enumerate(clips):  # every client of round r was clipped to that round's C
+        assert max(norms[4 * r : 4 * r + 4]) <= clip * (1 + 1e-5)
+    assert rows[1]["dp"]["count_noise"] == 0.5  # max(E/20, z) with E = 4
+    assert rows[1]["dp"]["update_noise_multiplier"] == pytest.approx(
+        update_noise_multiplier(0.5, 0.5)
+    )

@@ -15,15 +15,17 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fedllama.config import Config
+from fedllama.config import Config, ConfigError
 from fedllama.privacy.dp import (
     Ledger,
     Release,
     RoundEvent,
     Sampler,
     calibrate_noise,
+    next_clip_norm,
     noise_generator,
     round_event,
+    update_noise_multiplier,
 )
 from fedllama.privacy.dp.mechanism import SERVER_STREAM
 from fedllama.server.metrics import MetricsRow
@@ -43,6 +45,13 @@ class ServerDp:
     noise_multiplier: float
     ledger: Ledger
     sampler: Sampler
+    clip_norm: float
+    """C of the next round (adapted each round under ``dp.adaptive_clipping``)."""
+    count_noise: float = 0.0
+    """σ_b on the count of unclipped clients (adaptive clipping only)."""
+    update_noise: float = 0.0
+    """z_Δ, the update's noise multiplier (z without adaptive clipping)."""
+    last: Release | None = None
 
     @classmethod
     def start(cls, cfg: Config) -> ServerDp:
@@ -62,12 +71,32 @@ class ServerDp:
                 dp.sampling,
                 population,
             )
-        return cls(cfg, z, Ledger(dp.accountant, dp.delta), Sampler(dp))
+        ledger, sampler = Ledger(dp.accountant, dp.delta), Sampler(dp)
+        run = cls(cfg, z, ledger, sampler, dp.clip_norm, update_noise=z)
+        if dp.adaptive_clipping:
+            expected = sampler.expected(cfg.simulation.num_clients)
+            run.count_noise = dp.count_noise or max(expected / 20, z)
+            try:
+                run.update_noise = update_noise_multiplier(z, run.count_noise)
+            except ValueError as err:
+                raise ConfigError(f"dp.count_noise: {err}") from None
+            log.info(
+                "dp: adaptive clipping from C = %g towards the %g quantile: σ_b = %.3f on the "
+                "count, z_Δ = %.4f on the update",
+                dp.clip_norm,
+                dp.target_quantile,
+                run.count_noise,
+                run.update_noise,
+            )
+        return run
 
     def resume(self, rows: list[MetricsRow]) -> None:
         """The ledger of the rounds ``rows`` released (a resumed run continues it)."""
         events = [RoundEvent.from_json(r.dp["event"]) for r in rows if r.dp and "event" in r.dp]
         self.ledger = Ledger(self.cfg.dp.accountant, self.cfg.dp.delta, events)
+        adapted = [r.dp["next_clip_norm"] for r in rows if r.dp and "next_clip_norm" in r.dp]
+        if adapted:
+            self.clip_norm = float(adapted[-1])
         if events:
             log.info(
                 "dp: resumed the ledger of %d rounds: ε = %.4f", len(events), self.ledger.epsilon()
@@ -100,15 +129,31 @@ class ServerDp:
         """The round's release: central noise (none when clients added it) and the fixed
         denominator."""
         central = self.cfg.dp.placement == "central"
-        std = self.noise_multiplier * self.cfg.dp.clip_norm if central else 0.0
+        std = self.update_noise * self.clip_norm if central else 0.0
         generator = noise_generator(self.cfg.dp.seed, SERVER_STREAM, server_round)
-        return Release(count_keys, std, generator, expected_clients)
+        self.last = Release(count_keys, std, generator, expected_clients, self.count_noise)
+        return self.last
 
     def record(self, population: int, sampled: int, expected: float) -> dict[str, Any]:
         """Add the released round to the ledger; its ``dp`` entry for the metrics row."""
         event = self.event(population)
         epsilon = self.ledger.add(event)
-        return self.summary(epsilon, sampled, expected) | {"event": event.to_json()}
+        entry = self.summary(epsilon, sampled, expected) | {"event": event.to_json()}
+        if self.cfg.dp.adaptive_clipping and self.last is not None:
+            entry |= self._adapt(self.last)
+        return entry
+
+    def _adapt(self, release: Release) -> dict[str, Any]:
+        """The next round's C from the released share of unclipped clients."""
+        dp = self.cfg.dp
+        unclipped = dp.target_quantile if release.unclipped is None else release.unclipped
+        self.clip_norm = next_clip_norm(self.clip_norm, unclipped, dp.target_quantile, dp.clip_lr)
+        return {
+            "unclipped_fraction": unclipped,
+            "next_clip_norm": self.clip_norm,
+            "count_noise": self.count_noise,
+            "update_noise_multiplier": self.update_noise,
+        }
 
     def summary(self, epsilon: float, sampled: int = 0, expected: float = 0.0) -> dict[str, Any]:
         """ε with every assumption it rests on, for the metrics row."""
@@ -118,7 +163,7 @@ class ServerDp:
             "delta": dp.delta,
             "accountant": dp.accountant,
             "noise_multiplier": self.noise_multiplier,
-            "clip_norm": dp.clip_norm,
+            "clip_norm": self.clip_norm,
             "placement": dp.placement,
             "sampling": dp.sampling,
             "sampling_rate": dp.sampling_rate if dp.sampling == "poisson" else None,

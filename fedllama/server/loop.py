@@ -23,6 +23,7 @@ from fedllama.config import Config, to_yaml
 from fedllama.merge import AdapterState, MergeStrategy
 from fedllama.merge.optimizer import ServerOptimizer, build_server_optimizer
 from fedllama.merge.update import apply_delta
+from fedllama.privacy.dp import UNCLIPPED
 from fedllama.server import checkpoint
 from fedllama.server.aggregate import (
     Aggregator,
@@ -76,6 +77,8 @@ class ServerRun:
             min_nodes=cfg.server.min_replies,
             sampler=dp.sampler if dp else None,
         )
+        if dp is not None and cfg.dp.adaptive_clipping:
+            strategy.extra_keys = {UNCLIPPED: (1,)}
         return cls(
             cfg=cfg,
             merge=merge,
@@ -201,6 +204,7 @@ def aggregate_round(
     """
     cfg, out = run.cfg, run.out
     strategy = run.strategy
+    strategy.clip_norm = run.dp.clip_norm if run.dp is not None else None
     strategy.set_global(global_state, server_round)
     messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
     log.info("round %d/%d: training on %d clients", server_round, cfg.server.rounds, len(messages))

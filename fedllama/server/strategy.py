@@ -26,7 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedllama.merge import AdapterState, MergeStrategy, frozen_key
 from fedllama.privacy.dp import Sampler
 from fedllama.server.aggregate import OnReply, RoundPlan, RoundRecord, collect
-from fedllama.wire.records import CONFIG_YAML, NUM_EXAMPLES, TRAIN_LOSS, to_record
+from fedllama.wire.records import CONFIG_YAML, DP_CLIP_NORM, NUM_EXAMPLES, TRAIN_LOSS, to_record
 from fedllama.wire.validate import ReplySpec
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,10 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         self.sampler = sampler
         self.population = 0
         """Nodes connected when ``sampler`` last drew a round."""
+        self.extra_keys: dict[str, tuple[int, ...]] = {}
+        """Keys every reply carries besides the merge strategy's encoding (DP's indicator)."""
+        self.clip_norm: float | None = None
+        """Under DP: the round's clip norm C, sent to clients (it adapts each round)."""
         self.config_yaml = config_yaml
         self.rank = rank
         self.global_state: AdapterState = {}
@@ -77,13 +81,16 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         unsent = self.merge.frozen(server_round) | self.merge.local
         zero = {k: torch.zeros_like(v) for k, v in view.items() if not frozen_key(k, unsent)}
         encoded = self.merge.encode(zero, 1.0, view)
-        self.spec = ReplySpec(shapes={k: tuple(v.shape) for k, v in encoded.items()})
+        shapes = {k: tuple(v.shape) for k, v in encoded.items()}
+        self.spec = ReplySpec(shapes={**shapes, **self.extra_keys})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per sampled node: the global state and the run config."""
         config[CONFIG_YAML] = self.config_yaml
+        if self.clip_norm is not None:
+            config[DP_CLIP_NORM] = self.clip_norm
         arrays = to_record(self.global_state)
         if self.sampler is None:
             return list(super().configure_train(server_round, arrays, config, grid))

@@ -24,6 +24,8 @@ CONFIG_YAML = "fedllama-config"
 
 
 ROUND = "server-round"
+DP_CLIP_NORM = "dp-clip-norm"
+"""Train config: the round's DP clip norm C (it adapts under ``dp.adaptive_clipping``)."""
 
 
 NUM_EXAMPLES = "num-examples"

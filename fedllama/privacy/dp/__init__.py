@@ -8,17 +8,28 @@ every ε are in docs/privacy.md.
 """
 
 from fedllama.privacy.dp.accounting import Ledger, RoundEvent, calibrate_noise, round_event
-from fedllama.privacy.dp.mechanism import Release, clip_update, noise_generator, privatize
+from fedllama.privacy.dp.mechanism import (
+    UNCLIPPED,
+    Release,
+    clip_update,
+    next_clip_norm,
+    noise_generator,
+    privatize,
+    update_noise_multiplier,
+)
 from fedllama.privacy.dp.sampling import Sampler
 
 __all__ = [
+    "UNCLIPPED",
     "Ledger",
     "Release",
     "RoundEvent",
     "Sampler",
     "calibrate_noise",
     "clip_update",
+    "next_clip_norm",
     "noise_generator",
     "privatize",
     "round_event",
+    "update_noise_multiplier",
 ]

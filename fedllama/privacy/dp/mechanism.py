@@ -47,6 +47,9 @@ def clip_update(
     return {k: v * scale if k in keys else v for k, v in encoded.items()}, norm
 
 
+UNCLIPPED = "fedllama.dp.unclipped"
+"""Encoding key of b − 1/2 under adaptive clipping (b = 1 when the update fit under C)."""
+
 SERVER_STREAM, CLIENT_STREAM = 1, 2
 """First stream word of the server's noise and of a client's (they never coincide)."""
 
@@ -81,25 +84,55 @@ class Release:
 
     Args:
         count_keys: the strategy's count keys.
-        noise_std: σ = z·C added to every payload coordinate of the sum (``central``); 0 when
-            the clients added their noise themselves (``local``).
+        noise_std: σ added to every payload coordinate of the sum: z·C with central noise
+            (z_Δ·C with adaptive clipping), 0 when the clients added their noise (``local``).
         generator: the noise's generator.
         expected_clients: the round's expected number of clients (the fixed denominator).
+        count_noise: σ_b, the noise on the sum of b − 1/2 under adaptive clipping (else 0).
     """
 
     count_keys: frozenset[str]
     noise_std: float
     generator: torch.Generator
     expected_clients: float
+    count_noise: float = 0.0
+    unclipped: float | None = None
+    """After the call, under adaptive clipping: b̃, the noisy share of clients whose update
+    fit under C (it steers the next round's C)."""
 
     def __call__(self, summed: AdapterState) -> AdapterState:
         """The noisy payload, and the expected number of clients in every count key."""
-        out = add_noise(
-            summed, payload_keys(summed, self.count_keys), self.noise_std, self.generator
-        )
+        summed = dict(summed)
+        indicator = summed.pop(UNCLIPPED, None)
+        if indicator is not None:
+            noisy = float(indicator.sum()) + self.count_noise * float(
+                torch.randn(1, generator=self.generator)
+            )
+            self.unclipped = noisy / self.expected_clients + 0.5 if self.expected_clients else 0.5
+        keys = payload_keys(summed, self.count_keys)
+        out = add_noise(summed, keys, self.noise_std, self.generator)
         for key in self.count_keys & set(summed):
             out[key] = torch.full_like(summed[key], float(self.expected_clients))
         return out
+
+
+def next_clip_norm(clip_norm: float, unclipped: float, target: float, lr: float) -> float:
+    """Andrew et al.'s geometric update: C·exp(−η(b̃ − γ)). Fewer unclipped clients than the
+    target quantile γ raise C, more lower it."""
+    return clip_norm * math.exp(-lr * (unclipped - target))
+
+
+def update_noise_multiplier(z: float, count_noise: float) -> float:
+    """z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2): the update's noise multiplier when the count of
+    unclipped clients (sensitivity 1/2) carries σ_b, so that both queries together are one
+    Gaussian mechanism of multiplier z (Andrew et al., Theorem 1).
+
+    Raises:
+        ValueError: σ_b ≤ z/2 (the count would take the whole budget).
+    """
+    if 2 * count_noise <= z:
+        raise ValueError(f"dp.count_noise σ_b={count_noise:g} must exceed z/2={z / 2:g} (z={z:g})")
+    return float((z**-2 - (2 * count_noise) ** -2) ** -0.5)
 
 
 def privatize(
@@ -112,9 +145,13 @@ def privatize(
     """A client's encoding as DP-FedAvg sends it: the payload clipped to ``dp.clip_norm``, and
     with ``dp.placement=local`` the whole noise N(0, (zC)²) added by the client itself.
 
-    The encoding must have been made with weight 1; the norm before clipping stays here.
+    The encoding must have been made with weight 1; the norm before clipping stays here. With
+    ``dp.adaptive_clipping`` the encoding also carries b − 1/2 (b = 1 when the update fit
+    under C) at :data:`UNCLIPPED`, which the server only ever sees summed and noised.
     """
-    clipped, _ = clip_update(encoded, count_keys, cfg.clip_norm)
+    clipped, norm = clip_update(encoded, count_keys, cfg.clip_norm)
+    if cfg.adaptive_clipping:  # b − 1/2 with b = 1[‖Δ‖ ≤ C]: summed, noised and released
+        clipped[UNCLIPPED] = torch.tensor([0.5 if norm <= cfg.clip_norm else -0.5])
     if cfg.placement != "local":
         return clipped
     generator = noise_generator(cfg.seed, CLIENT_STREAM, server_round, client_id)
