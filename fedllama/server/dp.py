@@ -169,5 +169,7 @@ class ServerDp:
             "sampling_rate": dp.sampling_rate if dp.sampling == "poisson" else None,
             "clients_sampled": sampled,
             "clients_expected": expected,
-            "unit": "client (add/remove one)" if dp.sampling != "fixed" else "client (replace one)",
+            "unit": "client (add/remove one)"
+            if dp.sampling == "poisson"
+            else "client (replace one)",
         }

@@ -10,8 +10,15 @@ released, which depends on the adjacency the sampling implies (docs/privacy.md):
 ``poisson`` (rate q)       add/remove one client  PoissonSampled(q, Gaussian(z))
 ``fixed`` (m of N)         replace one client     SampledWithoutReplacement(N, m, Gaussian(z/2))
                                                   (replacing a client moves the sum by 2C)
-``all``                    add/remove one client  Gaussian(z)
+``all``                    replace one client     Gaussian(z/2) (every client takes part every
+                                                  round, so membership is public: the neighbour
+                                                  is a client whose data changed, 2C away)
 =========================  =====================  ===========================================
+
+A plain ``GaussianDpEvent`` is always composed under add/remove adjacency with the multiplier
+already divided by the sensitivity in units of C (dp-accounting's PLD accountant would double
+a Gaussian's sensitivity under replace-one where its RDP accountant does not); only sampling
+without replacement, which RDP accounts under replace-one alone, uses that relation.
 
 With ``dp.placement=local`` the server sees each client's own noisy update, so sampling
 amplifies nothing and two inputs of one client differ by up to 2C: Gaussian(z/2) per round in
@@ -45,7 +52,8 @@ class RoundEvent:
 
     @property
     def replace_one(self) -> bool:
-        """Whether the event is stated under replace-one adjacency (else add/remove one)."""
+        """Whether dp-accounting must compose the event under replace-one adjacency (sampling
+        without replacement); every other event is stated under add/remove one."""
         return self.sampling == "fixed" and self.placement == "central"
 
     def dp_event(self) -> dpa.DpEvent:
@@ -59,7 +67,7 @@ class RoundEvent:
             return dpa.SampledWithoutReplacementDpEvent(
                 self.population, self.sample_size, dpa.GaussianDpEvent(z / 2)
             )
-        return dpa.GaussianDpEvent(z)
+        return dpa.GaussianDpEvent(z / 2)  # all: replace one, sensitivity 2C
 
     def to_json(self) -> dict[str, Any]:
         """For the metrics row."""
