@@ -26,6 +26,3 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(os.environ.get("FEDLLAMA_LOG_LEVEL", level))
-    # dp-accounting logs through absl when it drops an RDP order that did not converge: a
-    # numerical note (the order is excluded, ε stays an upper bound), not a problem to act on
-    logging.getLogger("absl").setLevel(logging.ERROR)

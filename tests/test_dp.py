@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -454,3 +455,16 @@ def test_adaptive_clipping_through_rounds_sends_each_rounds_c(
     assert rows[1]["dp"]["update_noise_multiplier"] == pytest.approx(
         update_noise_multiplier(0.5, 0.5)
     )
+
+
+def test_the_ledger_leaves_the_process_logging_as_it_was() -> None:
+    # q = 0.5, z = 1 makes dp-accounting warn through absl, which configures the root logger
+    # (and so echoes every library's DEBUG records) when the root has no handler
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    try:
+        Ledger("rdp", 1e-5, [RoundEvent(1.0, "poisson", "central", 0.5)] * 2).epsilon()
+        assert root.handlers == []
+    finally:
+        root.handlers[:] = saved

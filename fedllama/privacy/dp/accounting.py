@@ -27,8 +27,10 @@ which the client takes part, counted for every round (the worst case of a client
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -111,6 +113,23 @@ def composed(events: Iterable[RoundEvent]) -> dpa.DpEvent:
     return dpa.ComposedDpEvent(parts)
 
 
+@contextlib.contextmanager
+def _absl_without_basic_config() -> Iterator[None]:
+    """dp-accounting warns through absl when it drops an RDP order that did not converge (a
+    numerical note: ε stays an upper bound), and absl calls ``logging.basicConfig()`` when the
+    root logger has no handler, which would then print every library's DEBUG records. A
+    NullHandler on the root for the duration keeps the process's logging as it was."""
+    root = logging.getLogger()
+    guard = logging.NullHandler() if not root.handlers else None
+    if guard is not None:
+        root.addHandler(guard)
+    try:
+        yield
+    finally:
+        if guard is not None:
+            root.removeHandler(guard)
+
+
 class Ledger:
     """ε at δ over the released rounds, from a fresh ``rdp`` or ``pld`` accountant."""
 
@@ -125,8 +144,9 @@ class Ledger:
         if not events:
             return 0.0
         acc = _accountant(self.accountant, events[0].replace_one)
-        acc.compose(composed(events))
-        return float(acc.get_epsilon(self.delta))
+        with _absl_without_basic_config():
+            acc.compose(composed(events))
+            return float(acc.get_epsilon(self.delta))
 
     def add(self, event: RoundEvent) -> float:
         """Record a released round; ε after it."""
@@ -142,11 +162,12 @@ def calibrate_noise(cfg: DpConfig, rounds: int, population: int) -> float:
     def event(z: float) -> dpa.DpEvent:
         return composed([round_event(cfg, z, population)] * rounds)
 
-    return float(
-        dpa.calibrate_dp_mechanism(
-            lambda: _accountant(cfg.accountant, probe.replace_one),
-            event,
-            cfg.target_epsilon,
-            cfg.delta,
+    with _absl_without_basic_config():
+        return float(
+            dpa.calibrate_dp_mechanism(
+                lambda: _accountant(cfg.accountant, probe.replace_one),
+                event,
+                cfg.target_epsilon,
+                cfg.delta,
+            )
         )
-    )
