@@ -468,3 +468,69 @@ def test_the_ledger_leaves_the_process_logging_as_it_was() -> None:
         assert root.handlers == []
     finally:
         root.handlers[:] = saved
+
+
+def test_a_look_ahead_and_the_record_that_follows_compose_once(monkeypatch) -> None:
+    from fedllama.privacy.dp import accounting
+
+    built = []
+    real = accounting._accountant
+    monkeypatch.setattr(accounting, "_accountant", lambda *a: built.append(a) or real(*a))
+    event = RoundEvent(1.0, "poisson", "central", sampling_rate=0.1)
+    ledger = Ledger("rdp", 1e-5, [event] * 3)
+
+    ahead = ledger.epsilon(event)  # the budget check before round 4
+    after = ledger.add(event)  # the record after it
+
+    assert after == ahead and len(built) == 1
+
+
+def test_server_release_under_adaptive_clipping_carries_z_delta_c_and_the_count_noise() -> None:
+    from fedllama.server.dp import ServerDp
+
+    cfg = config_lib.load(
+        TINY_YAML,
+        [
+            "dp.enabled=true",
+            "dp.noise_multiplier=1.0",
+            "dp.clip_norm=0.2",
+            "dp.sampling=all",
+            "dp.adaptive_clipping=true",
+            "dp.count_noise=2.0",
+            "simulation.num_clients=4",
+        ],
+    )
+    dp = ServerDp.start(cfg)
+
+    release = dp.release(frozenset({WEIGHT_KEY}), population=4, server_round=1)
+    release(
+        {
+            "payload": torch.zeros(10),
+            WEIGHT_KEY: torch.tensor([4.0]),
+            UNCLIPPED: torch.tensor([2.0]),
+        }
+    )
+    entry = dp.record(population=4, sampled=4, release=release)
+
+    assert release.noise_std == pytest.approx(update_noise_multiplier(1.0, 2.0) * 0.2)
+    assert release.count_noise == 2.0 and release.expected_clients == 4
+    assert release.unclipped is not None and entry["unclipped_fraction"] == release.unclipped
+    assert dp.clip_norm == pytest.approx(next_clip_norm(0.2, release.unclipped, 0.5, 0.2))
+    assert entry["next_clip_norm"] == dp.clip_norm
+
+
+def test_adaptive_clipping_resumes_from_the_last_rounds_c(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    dp = [
+        "dp.noise_multiplier=0.5",
+        "dp.sampling=all",
+        "dp.adaptive_clipping=true",
+        "dp.clip_lr=1.0",
+    ]
+
+    first, _ = _dp_run(cache_dir, out, "server.rounds=1", *dp)
+    resumed, norms = _dp_run(cache_dir, out, "server.rounds=2", *dp)
+
+    carried = first[1]["dp"]["next_clip_norm"]
+    assert carried != 0.05 and resumed[2]["dp"]["clip_norm"] == carried
+    assert len(norms) == 4 and max(norms) <= carried * (1 + 1e-5)  # round 2 clipped to it

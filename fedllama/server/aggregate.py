@@ -151,8 +151,8 @@ class Combiner(Protocol):
         """Take one client's encoding (raises MergeError if it cannot be merged)."""
         ...
 
-    def result(self, global_state: AdapterState, server_round: int) -> AdapterState:
-        """The aggregated delta for every key of ``global_state``."""
+    def result(self) -> AdapterState:
+        """The aggregated delta for every key of the round's global state."""
         ...
 
 
@@ -168,7 +168,7 @@ class SumCombiner:
         """Add to the running sum."""
         self.acc.add(encoded)
 
-    def result(self, global_state: AdapterState, server_round: int) -> AdapterState:
+    def result(self) -> AdapterState:
         """The decoded sum."""
         return self.plan.decode(self.acc.total if self.acc.count else self.plan.zeros())
 
@@ -176,22 +176,23 @@ class SumCombiner:
 class CollectCombiner:
     """Trusted-server strategies: every encoding is held, then merged by the rule."""
 
-    def __init__(self, merge: MergeStrategy) -> None:
-        self.merge = cast(TrustedMergeStrategy, merge)
+    def __init__(self, plan: RoundPlan) -> None:
+        self.plan = plan
+        self.merge = cast(TrustedMergeStrategy, plan.merge)
         self.held: list[AdapterState] = []
 
     def add(self, encoded: AdapterState) -> None:
         """Hold the encoding."""
         self.held.append(encoded)
 
-    def result(self, global_state: AdapterState, server_round: int) -> AdapterState:
+    def result(self) -> AdapterState:
         """``merge.aggregate`` of the held encodings."""
-        return self.merge.aggregate(self.held, global_state, server_round)
+        return self.merge.aggregate(self.held, self.plan.global_state, self.plan.server_round)
 
 
 def combiner_for(plan: RoundPlan) -> Combiner:
     """The running sum for a summable strategy, the collection otherwise."""
-    return SumCombiner(plan) if plan.merge.summable else CollectCombiner(plan.merge)
+    return SumCombiner(plan) if plan.merge.summable else CollectCombiner(plan)
 
 
 def collect(plan: RoundPlan, replies: Iterable[Message], record: RoundRecord) -> RoundRecord:
@@ -217,7 +218,7 @@ def collect(plan: RoundPlan, replies: Iterable[Message], record: RoundRecord) ->
             node, valid.num_examples, valid.train_loss, valid.metrics, nbytes, plan.on_reply
         )
     if record.ok or plan.release is not None:
-        record.delta = combiner.result(plan.global_state, plan.server_round)
+        record.delta = combiner.result()
     return record
 
 

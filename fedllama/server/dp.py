@@ -51,7 +51,6 @@ class ServerDp:
     """σ_b on the count of unclipped clients (adaptive clipping only)."""
     update_noise: float = 0.0
     """z_Δ, the update's noise multiplier (z without adaptive clipping)."""
-    last: Release | None = None
 
     @classmethod
     def start(cls, cfg: Config) -> ServerDp:
@@ -123,24 +122,24 @@ class ServerDp:
                 f"at δ={self.cfg.dp.delta}; the run stops after round {server_round - 1}"
             )
 
-    def release(
-        self, count_keys: frozenset[str], expected_clients: float, server_round: int
-    ) -> Release:
+    def release(self, count_keys: frozenset[str], population: int, server_round: int) -> Release:
         """The round's release: central noise (none when clients added it) and the fixed
-        denominator."""
+        denominator, the expected number of clients out of ``population``."""
         central = self.cfg.dp.placement == "central"
         std = self.update_noise * self.clip_norm if central else 0.0
         generator = noise_generator(self.cfg.dp.seed, SERVER_STREAM, server_round)
-        self.last = Release(count_keys, std, generator, expected_clients, self.count_noise)
-        return self.last
+        expected = self.sampler.expected(population)
+        return Release(count_keys, std, generator, expected, self.count_noise)
 
-    def record(self, population: int, sampled: int, expected: float) -> dict[str, Any]:
-        """Add the released round to the ledger; its ``dp`` entry for the metrics row."""
+    def record(self, population: int, sampled: int, release: Release) -> dict[str, Any]:
+        """Add the round ``release`` released to the ledger (and, under adaptive clipping,
+        move C); its ``dp`` entry for the metrics row."""
         event = self.event(population)
         epsilon = self.ledger.add(event)
-        entry = self.summary(epsilon, sampled, expected) | {"event": event.to_json()}
-        if self.cfg.dp.adaptive_clipping and self.last is not None:
-            entry |= self._adapt(self.last)
+        entry = self.summary(epsilon, sampled, release.expected_clients)
+        entry["event"] = event.to_json()
+        if self.cfg.dp.adaptive_clipping:
+            entry |= self._adapt(release)
         return entry
 
     def _adapt(self, release: Release) -> dict[str, Any]:

@@ -212,8 +212,7 @@ def aggregate_round(
     needed = cfg.server.min_replies
     if run.dp is not None:
         run.dp.check_budget(server_round, strategy.population)
-        expected = run.dp.sampler.expected(strategy.population)
-        plan.release = run.dp.release(run.merge.count_keys, expected, server_round)
+        plan.release = run.dp.release(run.merge.count_keys, strategy.population, server_round)
         needed = min(needed, len(messages))  # a small Poisson sample still releases its sum
     kept = f"the global adapter stays at round {server_round - 1} in {out}"
     try:
@@ -226,8 +225,8 @@ def aggregate_round(
             f"round {server_round}: {record.ok} good replies ({record.dropped} dropped, "
             f"{missing} missing), server.min_replies={cfg.server.min_replies}; {kept}"
         )
-    if run.dp is not None:
-        record.dp = run.dp.record(strategy.population, len(messages), expected)
+    if run.dp is not None and plan.release is not None:
+        record.dp = run.dp.record(strategy.population, len(messages), plan.release)
     return record, record.delta
 
 

@@ -137,16 +137,21 @@ class Ledger:
         self.accountant = accountant
         self.delta = delta
         self.events: list[RoundEvent] = list(events)
+        self._last: tuple[tuple[RoundEvent, ...], float] = ((), 0.0)
+        """The last rounds accounted and their ε: a look-ahead before a round (the budget
+        check) and the record after it ask for the same ε; a PLD composition is seconds."""
 
     def epsilon(self, *extra: RoundEvent) -> float:
         """ε after the recorded rounds (and ``extra`` ones, to look ahead); 0 before any."""
-        events = [*self.events, *extra]
-        if not events:
-            return 0.0
+        events = (*self.events, *extra)
+        if events == self._last[0]:
+            return self._last[1]
         acc = _accountant(self.accountant, events[0].replace_one)
         with _absl_without_basic_config():
             acc.compose(composed(events))
-            return float(acc.get_epsilon(self.delta))
+            epsilon = float(acc.get_epsilon(self.delta))
+        self._last = (events, epsilon)
+        return epsilon
 
     def add(self, event: RoundEvent) -> float:
         """Record a released round; ε after it."""

@@ -30,10 +30,13 @@ def payload_keys(encoded: AdapterState, count_keys: Iterable[str]) -> list[str]:
     return sorted(k for k in encoded if k not in counts)
 
 
+def _norm(encoded: AdapterState, keys: Iterable[str]) -> float:
+    return math.sqrt(sum(float(encoded[k].double().pow(2).sum()) for k in keys))
+
+
 def update_norm(encoded: AdapterState, count_keys: Iterable[str]) -> float:
     """L2 norm of the payload as one vector."""
-    keys = payload_keys(encoded, count_keys)
-    return math.sqrt(sum(float(encoded[k].double().pow(2).sum()) for k in keys))
+    return _norm(encoded, payload_keys(encoded, count_keys))
 
 
 def clip_update(
@@ -41,9 +44,9 @@ def clip_update(
 ) -> tuple[AdapterState, float]:
     """The encoding with its payload scaled to L2 norm at most ``clip_norm``, and the norm it
     had (which stays on the client: sending it would leak)."""
-    norm = update_norm(encoded, count_keys)
-    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     keys = set(payload_keys(encoded, count_keys))
+    norm = _norm(encoded, keys)
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {k: v * scale if k in keys else v for k, v in encoded.items()}, norm
 
 
