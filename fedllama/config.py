@@ -312,7 +312,7 @@ class SecAggConfig:
         return ((1 << 63) - 1) // ((1 << (self.quantization_bits - 1)) - 1)
 
 
-DP_PLACEMENTS = ("central", "local")
+DP_PLACEMENTS = ("central", "distributed", "local")
 DP_ACCOUNTANTS = ("rdp", "pld")
 DP_SAMPLING = ("poisson", "fixed", "all")
 
@@ -337,8 +337,10 @@ class DpConfig:
     a round that would exceed it (after ``server.rounds`` is raised) is not run."""
     delta: float = 1.0e-5
     placement: str = "central"
-    """``central``: the server adds N(0, (zC)²) to the sum; ``local``: each client adds it to
-    its own clipped update (a comparison point: N times the variance in the sum)."""
+    """``central``: the server adds N(0, (zC)²) to the sum; ``distributed``: under secure
+    aggregation each client adds its share of discrete Gaussian noise in the integers, so the
+    server never holds a noiseless sum (Kairouz et al., ICML 2021); ``local``: each client adds
+    the whole noise to its own clipped update (a comparison point: N times the variance)."""
     accountant: str = "rdp"
     """``rdp`` (Rényi DP, Mironov 2017) or ``pld`` (privacy loss distributions)."""
     sampling: str = "poisson"
@@ -362,6 +364,14 @@ class DpConfig:
     """σ_b: the noise on the count of unclipped clients; 0 = the expected clients per round
     / 20 (Andrew et al.'s choice). Must exceed z/2: the update's noise then grows to
     z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2), so that the round as a whole still has multiplier z."""
+
+    modulus_bits: int = 32
+    """b of ``distributed`` noise: the noisy sum lives modulo 2^b (bits per value a packed wire
+    would carry); fewer bits mean a coarser scale, a looser rounding bound and a larger ε."""
+    dropout_tolerance: float = 0.2
+    """``distributed``: the share of a round's sampled clients that may drop out while the sum
+    still carries noise z·C; each client adds the noise of 1/⌈(1 − tolerance)·n⌉ of it, and a
+    round with fewer clients in the sum is aborted before it is unmasked."""
 
     def __post_init__(self) -> None:
         _one_of(self.placement, "dp.placement", DP_PLACEMENTS)
@@ -396,13 +406,26 @@ class DpConfig:
         )
         _require(self.clip_lr > 0, "dp.clip_lr", f"must be > 0, got {self.clip_lr}")
         _require(self.count_noise >= 0, "dp.count_noise", f"must be >= 0, got {self.count_noise}")
-        if not self.enabled:
-            return
         _require(
-            not (self.adaptive_clipping and self.placement == "local"),
+            8 <= self.modulus_bits <= 62,
+            "dp.modulus_bits",
+            f"must be in 8..62 (the sum is read as int64), got {self.modulus_bits}",
+        )
+        _require(
+            0 <= self.dropout_tolerance < 1,
+            "dp.dropout_tolerance",
+            f"must be in [0, 1), got {self.dropout_tolerance}",
+        )
+        if self.enabled:
+            self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Settings that only conflict when DP is on."""
+        _require(
+            not (self.adaptive_clipping and self.placement != "central"),
             "dp.adaptive_clipping",
-            "needs dp.placement=central: the count of unclipped clients gets its noise on the "
-            "server",
+            f"needs dp.placement=central, got {self.placement}: the count of unclipped clients "
+            "gets its noise on the server",
         )
         _require(
             (self.noise_multiplier > 0) != (self.target_epsilon > 0),
@@ -415,6 +438,12 @@ class DpConfig:
             "dp.accountant",
             "pld does not account sampling without replacement (dp.sampling=fixed) in "
             "dp-accounting; use dp.accountant=rdp or dp.sampling=poisson",
+        )
+        _require(
+            not (self.accountant == "pld" and self.placement == "distributed"),
+            "dp.accountant",
+            "pld does not account the distributed discrete Gaussian (a zCDP bound) in "
+            "dp-accounting; use dp.accountant=rdp with dp.placement=distributed",
         )
 
 
@@ -517,6 +546,12 @@ class Config:
             "lora.client_ranks",
             f"has ranks {mixed} besides lora.r={self.lora.r}: with dp.enabled every client must "
             "train at lora.r (per-slot denominators of mixed ranks would reveal who took part)",
+        )
+        _require(
+            self.dp.placement != "distributed" or self.secagg.enabled,
+            "dp.placement",
+            "is distributed, which needs secagg.enabled=true: the clients' noise shares only "
+            "protect anyone inside a sum the server cannot take apart",
         )
 
 

@@ -203,7 +203,7 @@ def test_fixed_and_all_sampling() -> None:
         (["dp.enabled=true", "dp.noise_multiplier=1", "dp.target_epsilon=3"], "exactly one"),
         (
             ["dp.enabled=true", "dp.noise_multiplier=1", "dp.placement=distributed"],
-            "dp.placement: got 'distributed'",
+            "dp.placement: is distributed, which needs secagg.enabled=true",
         ),
         (
             ["dp.enabled=true", "dp.noise_multiplier=1", "dp.sampling=fixed", "dp.accountant=pld"],

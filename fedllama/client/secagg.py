@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -20,6 +21,8 @@ from flwr.app import (
     RecordDict,
 )
 
+from fedllama.privacy.dp import distributed
+from fedllama.privacy.dp.distributed import DdgParams, DistributedNoiseError
 from fedllama.privacy.secagg.client import SecAggClient
 from fedllama.privacy.secagg.messages import (
     CLIPPED,
@@ -30,7 +33,14 @@ from fedllama.privacy.secagg.messages import (
     shares_reply,
     unmask_reply,
 )
-from fedllama.privacy.secagg.params import Params, SecAggError, get_field, get_ids, get_pairs
+from fedllama.privacy.secagg.params import (
+    U64,
+    Params,
+    SecAggError,
+    get_field,
+    get_ids,
+    get_pairs,
+)
 from fedllama.wire.layout import Layout
 
 if TYPE_CHECKING:
@@ -97,7 +107,8 @@ def client_mask(msg: Message, context: Context, train: Callable[[], Message]) ->
     global state and train config as a plain train message does), so secure aggregation trains
     exactly as the plain path; like Flower's ``secaggplus_mod``, this only wraps it. The reply
     carries the masked vector and the plain reply's metrics (with the number of clipped
-    values), never the encoding itself.
+    values), never the encoding itself. When the request carries distributed-DP parameters,
+    the payload is encoded with the client's noise share instead of the fixed-point quantizer.
     """
     from fedllama.wire.records import ARRAYS, METRICS
 
@@ -105,6 +116,10 @@ def client_mask(msg: Message, context: Context, train: Callable[[], Message]) ->
     client = _load(context)
     _round_of(client, rec)
     client.receive(get_pairs(rec, "src", "ciphertexts"))  # fail before training, not after
+    try:
+        ddg = DdgParams.from_record(rec)
+    except DistributedNoiseError as err:
+        raise SecAggError(f"node {client.node}: {err}") from None
     plain = train()
     if plain.has_error():
         return plain
@@ -115,7 +130,11 @@ def client_mask(msg: Message, context: Context, train: Callable[[], Message]) ->
             f"node {client.node}: its encoding's keys/shapes differ from the server's "
             f"({len(layout.shapes)} keys, {layout.size} values)"
         )
-    masked, clipped = client.mask(layout.flatten({k: a.numpy() for k, a in arrays.items()}))
+    values = {k: a.numpy() for k, a in arrays.items()}
+    if ddg is None:
+        masked, clipped = client.mask(layout.flatten(values))
+    else:
+        masked, clipped = client.mask_integers(_noisy_integers(values, ddg)), 0
     _store(context, client)
     if clipped:
         log.warning(
@@ -127,6 +146,21 @@ def client_mask(msg: Message, context: Context, train: Callable[[], Message]) ->
     metrics = MetricRecord({**plain.content.metric_records[METRICS], CLIPPED: clipped})
     content = RecordDict({MASKED: ArrayRecord({MASKED: Array(masked)}), METRICS: metrics})
     return Message(content, reply_to=msg)
+
+
+def _noisy_integers(values: Mapping[str, Any], ddg: DdgParams) -> U64:
+    """The payload (every key but the count keys) with this client's share of the noise, as
+    integers modulo 2^b (:func:`fedllama.privacy.dp.distributed.encode`)."""
+    payload = Layout.of({k: v.shape for k, v in values.items() if k not in ddg.count_keys})
+    if payload.size != ddg.dim:
+        raise SecAggError(
+            f"the encoding's payload has {payload.size} values, the round's distributed noise "
+            f"expects {ddg.dim}"
+        )
+    try:
+        return distributed.encode(payload.flatten(values).astype(np.float64), ddg)
+    except DistributedNoiseError as err:
+        raise SecAggError(str(err)) from None
 
 
 def client_unmask(msg: Message, context: Context) -> Message:

@@ -211,8 +211,12 @@ def aggregate_round(
     plan = strategy.plan(server_round, messages, _log_reply(server_round, len(messages)))
     needed = cfg.server.min_replies
     if run.dp is not None:
-        run.dp.check_budget(server_round, strategy.population)
-        plan.release = run.dp.release(run.merge.count_keys, strategy.population, server_round)
+        count_keys = run.merge.count_keys
+        payload = sum(math.prod(s) for k, s in plan.spec.shapes.items() if k not in count_keys)
+        plan.release = run.dp.release(
+            count_keys, strategy.population, server_round, len(messages), payload
+        )
+        run.dp.check_budget(server_round, strategy.population, plan.release)
         needed = min(needed, len(messages))  # a small Poisson sample still releases its sum
     kept = f"the global adapter stays at round {server_round - 1} in {out}"
     try:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from flwr.app import (
     ConfigRecord,
     Message,
@@ -16,7 +17,9 @@ from flwr.app import (
 )
 
 from fedllama.config import SecAggConfig
-from fedllama.merge import MergeError
+from fedllama.merge import AdapterState, MergeError
+from fedllama.privacy.dp import distributed
+from fedllama.privacy.dp.distributed import DdgParams
 from fedllama.privacy.secagg.messages import (
     ACTIONS,
     CLIPPED,
@@ -133,10 +136,12 @@ class SecureAggregator:
             # DP sampled fewer than two: their sum would be one client's update, so nobody is
             # asked and the round releases noise alone
             log.info(
-                "round %d: %d client(s) sampled; secure aggregation needs 2: the round releases "
-                "DP noise only",
+                "round %d: %d client(s) sampled; secure aggregation needs 2: the round releases %s",
                 plan.server_round,
                 len(plan.messages),
+                "nothing (distributed noise: the server adds none)"
+                if plan.release.distributed
+                else "DP noise only",
             )
             delta = plan.decode(plan.zeros())
             return RoundRecord(server_round=plan.server_round, delta=delta, noise_only=True)
@@ -154,32 +159,24 @@ class _SecureRound:
     def __init__(self, grid: Grid, plan: RoundPlan, cfg: SecAggConfig, train_timeout: float):
         self.grid, self.plan, self.cfg, self.train_timeout = grid, plan, cfg, train_timeout
         self.layout = Layout.of(plan.spec.shapes)
+        self.ddg = plan.release.distributed if plan.release is not None else None
+        self.length = self.ddg.size if self.ddg is not None else self.layout.size
         self.nodes = [m.metadata.dst_node_id for m in plan.messages]
-        self.server = SecAggServer(self.nodes, cfg, plan.server_round, self.layout.size)
+        self.server = SecAggServer(self.nodes, cfg, plan.server_round, self.length)
         self.stats = {stage: StageStats() for stage in STAGES}
         self.record = RoundRecord(server_round=plan.server_round)
         self.clipped = 0
 
     def run(self) -> RoundRecord:
         """Every stage in turn, then the decoded sum and the figures."""
-        server = self.server
-        log.info(
-            "round %d: secure aggregation over %d clients: %d neighbours each, threshold %d of "
-            "%d shares, %d-bit fixed point (step %.3g, clip ±%g)",
-            self.plan.server_round,
-            len(self.nodes),
-            server.k,
-            server.threshold,
-            server.k + 1,
-            self.cfg.quantization_bits,
-            server.quantizer.step,
-            self.cfg.clip_range,
-        )
+        self.announce()
         self.advertise_keys()
         self.share_keys()
         self.collect_masked()
+        if self.ddg is not None:
+            self.check_noise(self.ddg)
         self.unmask()
-        summed = self.layout.unflatten(server.finish())
+        summed = self.distributed_sum() if self.ddg else self.layout.unflatten(self.server.finish())
         record = self.record
         record.dropped = len(self.nodes) - record.ok
         try:
@@ -190,6 +187,69 @@ class _SecureRound:
         record.bytes_up = sum(s.bytes_up for s in self.stats.values())
         record.bytes_down = sum(s.bytes_down for s in self.stats.values())
         return record
+
+    def announce(self) -> None:
+        """Log the round's protocol parameters."""
+        server = self.server
+        log.info(
+            "round %d: secure aggregation over %d clients: %d neighbours each, threshold %d of "
+            "%d shares",
+            self.plan.server_round,
+            len(self.nodes),
+            server.k,
+            server.threshold,
+            server.k + 1,
+        )
+        if self.ddg is None:
+            log.info(
+                "round %d: %d-bit fixed point (step %.3g, clip ±%g)",
+                self.plan.server_round,
+                self.cfg.quantization_bits,
+                server.quantizer.step,
+                self.cfg.clip_range,
+            )
+            return
+        ddg = self.ddg
+        log.info(
+            "round %d: distributed discrete Gaussian: %d values rotated into %d, modulo 2^%d, "
+            "scale %.4g, each client's noise σ_c = %.4g (provisioned for %d of %d clients), "
+            "rounded norm ≤ %.6g (%.4f × C·scale)",
+            self.plan.server_round,
+            ddg.dim,
+            ddg.size,
+            ddg.bits,
+            ddg.scale,
+            ddg.local_std,
+            ddg.survivors,
+            len(self.nodes),
+            ddg.norm_bound,
+            ddg.norm_bound / (ddg.clip_norm * ddg.scale),
+        )
+
+    def check_noise(self, ddg: DdgParams) -> None:
+        """Distributed noise: refuse to unmask a sum holding fewer noise shares than the
+        clients provisioned for (it would carry less noise than the ledger allows)."""
+        summed = len(self.server.summed)
+        if summed < ddg.survivors:
+            raise SecAggAbort(
+                f"{summed} masked vectors arrived, fewer than the {ddg.survivors} the clients' "
+                "distributed noise was provisioned for (dp.dropout_tolerance); the sum is not "
+                "unmasked"
+            )
+
+    def distributed_sum(self) -> AdapterState:
+        """The payload's sum decoded from the clients' noisy integers; the count keys are
+        zeros (the release puts the expected number of clients in them)."""
+        assert self.ddg is not None and self.plan.release is not None
+        ddg, release = self.ddg, self.plan.release
+        payload, release.headroom = distributed.decode(self.server.finish_integers(), ddg)
+        release.survivors = len(self.server.summed)
+        shapes = self.plan.spec.shapes
+        payload_layout = Layout.of({k: s for k, s in shapes.items() if k not in ddg.count_keys})
+        summed = payload_layout.unflatten(payload)
+        for key in ddg.count_keys:
+            summed[key] = torch.zeros(shapes[key])
+        return summed
 
     def ask(
         self, stage: str, requests: Mapping[int, dict[str, Any]], timeout: float
@@ -234,6 +294,8 @@ class _SecureRound:
         for node, ciphertexts in self.server.mask_requests().items():
             plain = by_node[node].content
             fields = mask_request(self.plan.server_round, ciphertexts, self.layout.digest())
+            if self.ddg is not None:
+                fields |= self.ddg.to_record()
             contents[node] = RecordDict(
                 {
                     ARRAYS: plain.array_records[ARRAYS],
@@ -253,7 +315,7 @@ class _SecureRound:
         ):
             try:
                 masked, metrics, num_examples, train_loss = _check_masked(
-                    reply.content, self.layout.size
+                    reply.content, self.length
                 )
                 self.server.add_masked(node, masked)
             except (SecAggError, ReplyError) as err:

@@ -23,6 +23,11 @@ without replacement, which RDP accounts under replace-one alone, uses that relat
 With ``dp.placement=local`` the server sees each client's own noisy update, so sampling
 amplifies nothing and two inputs of one client differ by up to 2C: Gaussian(z/2) per round in
 which the client takes part, counted for every round (the worst case of a client in all).
+
+With ``dp.placement=distributed`` the guarantee holds against the server itself, which knows who
+took part: no amplification, replace-one sensitivity 2Δ of the rounded integers, and the noise
+of the clients actually in the sum: a ``ZCDpEvent`` per round from Kairouz et al.'s bound
+(:mod:`fedllama.privacy.dp.distributed`), composed by the RDP accountant.
 """
 
 from __future__ import annotations
@@ -30,14 +35,15 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import dp_accounting as dpa
 from dp_accounting import pld, rdp
 
 from fedllama.config import DpConfig
+from fedllama.privacy.dp.distributed import DdgParams, zcdp_event
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,14 @@ class RoundEvent:
     sampling_rate: float = 1.0
     population: int = 0
     sample_size: int = 0
+    size: int = 0
+    """``distributed``: D, integers per client."""
+    survivors: int = 0
+    """``distributed``: the clients whose noise is in the sum."""
+    local_std: float = 0.0
+    """``distributed``: σ_c, each client's discrete Gaussian (integer units)."""
+    norm_bound: float = 0.0
+    """``distributed``: Δ, each client's rounded L2 bound (integer units)."""
 
     @property
     def replace_one(self) -> bool:
@@ -61,6 +75,8 @@ class RoundEvent:
     def dp_event(self) -> dpa.DpEvent:
         """The event dp-accounting composes."""
         z = self.noise_multiplier
+        if self.placement == "distributed":
+            return zcdp_event(self.size, self.local_std, 2 * self.norm_bound, self.survivors)
         if self.placement == "local":
             return dpa.GaussianDpEvent(z / 2)
         if self.sampling == "poisson":
@@ -78,18 +94,34 @@ class RoundEvent:
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> RoundEvent:
         """From a metrics row."""
-        return cls(**{k: row[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__ if k in row})
 
 
-def round_event(cfg: DpConfig, noise_multiplier: float, population: int) -> RoundEvent:
-    """The event of a round under ``cfg`` with ``population`` nodes to sample from."""
-    return RoundEvent(
+def round_event(
+    cfg: DpConfig,
+    noise_multiplier: float,
+    population: int,
+    ddg: DdgParams | None = None,
+    survivors: int = 0,
+) -> RoundEvent:
+    """The event of a round under ``cfg`` with ``population`` nodes to sample from; with
+    distributed noise, of parameters ``ddg`` with ``survivors`` clients in the sum."""
+    event = RoundEvent(
         noise_multiplier=noise_multiplier,
         sampling=cfg.sampling,
         placement=cfg.placement,
         sampling_rate=cfg.sampling_rate if cfg.sampling == "poisson" else 1.0,
         population=population,
         sample_size=min(cfg.clients_per_round, population) if cfg.sampling == "fixed" else 0,
+    )
+    if ddg is None:
+        return event
+    return replace(
+        event,
+        size=ddg.size,
+        survivors=survivors,
+        local_std=ddg.local_std,
+        norm_bound=ddg.norm_bound,
     )
 
 
@@ -159,13 +191,20 @@ class Ledger:
         return self.epsilon()
 
 
-def calibrate_noise(cfg: DpConfig, rounds: int, population: int) -> float:
+def calibrate_noise(
+    cfg: DpConfig,
+    rounds: int,
+    population: int,
+    event_of: Callable[[float], RoundEvent] | None = None,
+) -> float:
     """The smallest z (within dp-accounting's tolerance) whose ε after ``rounds`` released
-    rounds is at most ``cfg.target_epsilon`` at ``cfg.delta``."""
-    probe = round_event(cfg, 1.0, population)
+    rounds is at most ``cfg.target_epsilon`` at ``cfg.delta``; ``event_of(z)`` is one round's
+    event (the default: :func:`round_event` of ``cfg`` over ``population``)."""
+    one = event_of or (lambda z: round_event(cfg, z, population))
+    probe = one(1.0)
 
     def event(z: float) -> dpa.DpEvent:
-        return composed([round_event(cfg, z, population)] * rounds)
+        return composed([one(z)] * rounds)
 
     with _absl_without_basic_config():
         return float(

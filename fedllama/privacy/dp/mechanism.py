@@ -22,6 +22,7 @@ import torch
 
 from fedllama.config import DpConfig
 from fedllama.merge import AdapterState
+from fedllama.privacy.dp.distributed import DdgParams
 
 
 def payload_keys(encoded: AdapterState, count_keys: Iterable[str]) -> list[str]:
@@ -53,8 +54,9 @@ def clip_update(
 UNCLIPPED = "fedllama.dp.unclipped"
 """Encoding key of b − 1/2 under adaptive clipping (b = 1 when the update fit under C)."""
 
-SERVER_STREAM, CLIENT_STREAM = 1, 2
-"""First stream word of the server's noise and of a client's (they never coincide)."""
+SERVER_STREAM, CLIENT_STREAM, ROTATION_STREAM = 1, 2, 3
+"""First stream word of the server's noise, of a client's, and of distributed noise's rotation
+(they never coincide)."""
 
 
 def noise_generator(seed: int | None, *stream: int) -> torch.Generator:
@@ -102,6 +104,14 @@ class Release:
     unclipped: float | None = None
     """After the call, under adaptive clipping: b̃, the noisy share of clients whose update
     fit under C (it steers the next round's C)."""
+    distributed: DdgParams | None = None
+    """With ``distributed`` noise: the round's parameters, which secure aggregation sends to the
+    clients and decodes the sum with (``noise_std`` is then 0: the server adds nothing)."""
+    survivors: int = 0
+    """With ``distributed`` noise, set by secure aggregation: the clients whose noise shares
+    are in the unmasked sum (what the ledger accounts)."""
+    headroom: float | None = None
+    """With ``distributed`` noise: the largest |value| of the sum over half the modulus."""
 
     def __call__(self, summed: AdapterState) -> AdapterState:
         """The noisy payload, and the expected number of clients in every count key."""
@@ -147,6 +157,9 @@ def privatize(
 ) -> AdapterState:
     """A client's encoding as DP-FedAvg sends it: the payload clipped to ``dp.clip_norm``, and
     with ``dp.placement=local`` the whole noise N(0, (zC)²) added by the client itself.
+
+    With ``dp.placement=distributed`` the clipped encoding goes to secure aggregation, whose
+    mask stage turns it into noisy integers (:func:`fedllama.privacy.dp.distributed.encode`).
 
     The encoding must have been made with weight 1; the norm before clipping stays here. With
     ``dp.adaptive_clipping`` the encoding also carries b − 1/2 (b = 1 when the update fit

@@ -155,6 +155,12 @@ class SecAggClient:
         """
         self._expect("share", "mask")
         q, clipped = self.params.quantizer.quantize(vector, rng)
+        return self.mask_integers(q), clipped
+
+    def mask_integers(self, q: U64) -> U64:
+        """As :meth:`mask` for a vector the client already encoded as integers modulo 2^64
+        (distributed DP noise); ``q`` is masked in place and returned."""
+        self._expect("share", "mask")
         add_prg(q, self_mask_key(self.seed), +1)
         mine = private_key(self.mask_key)
         for other in sorted(set(self.seed_shares) - {self.node}):
@@ -162,7 +168,7 @@ class SecAggClient:
             add_prg(q, key, +1 if other > self.node else -1)
         self.enc_key = self.mask_key = self.seed = b""  # no longer needed
         self.stage = "mask"
-        return q, clipped
+        return q
 
     # -- stage 4: unmask --------------------------------------------------------------------
 

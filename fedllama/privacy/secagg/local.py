@@ -8,7 +8,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+
 from fedllama.config import SecAggConfig
+from fedllama.privacy.dp import distributed
+from fedllama.privacy.dp.distributed import DdgParams
 from fedllama.privacy.secagg.client import SecAggClient
 from fedllama.privacy.secagg.messages import (
     STAGES,
@@ -49,14 +53,17 @@ def aggregate_locally(
     server_round: int = 1,
     drop: Mapping[int, str] | None = None,
     rng: random.Random | None = None,
+    ddg: DdgParams | None = None,
 ) -> LocalRound:
     """Run every stage in one process, without Flower messaging (tests and benchmarks).
 
     ``vectors`` maps node ids to flattened encodings; ``drop[node] = stage`` makes that node
     vanish instead of replying in that stage ("setup", "share", "mask" or "unmask"). Client and
     server work are timed apart, and message fields are counted as the glue would send them.
+    With ``ddg`` each client encodes its vector (the payload) with its share of distributed
+    DP noise instead of the fixed-point quantizer, and ``total`` is the decoded payload sum.
     """
-    return _LocalDriver(vectors, cfg, server_round, drop or {}, rng).run()
+    return _LocalDriver(vectors, cfg, server_round, drop or {}, rng, ddg).run()
 
 
 T = TypeVar("T")
@@ -72,9 +79,10 @@ class _LocalDriver:
         server_round: int,
         drop: Mapping[int, str],
         rng: random.Random | None,
+        ddg: DdgParams | None = None,
     ) -> None:
-        self.vectors, self.server_round, self.drop = vectors, server_round, drop
-        length = next(iter(vectors.values())).shape[0]
+        self.vectors, self.server_round, self.drop, self.ddg = vectors, server_round, drop, ddg
+        length = ddg.size if ddg else next(iter(vectors.values())).shape[0]
         extra = {} if rng is None else {"rng": rng}
         self.client_s: dict[str, dict[int, float]] = {stage: {} for stage in STAGES}
         self.server_s = dict.fromkeys(STAGES, 0.0)
@@ -120,7 +128,11 @@ class _LocalDriver:
         self.share_stage()
         self.mask_stage()
         self.unmask_stage()
-        total = self.serve("unmask", server.finish)
+        if self.ddg is None:
+            total = self.serve("unmask", server.finish)
+        else:
+            summed = self.serve("unmask", server.finish_integers)
+            total = self.serve("unmask", distributed.decode, summed, self.ddg)[0]
         return LocalRound(
             total, server, self.masked, self.client_s, self.server_s, self.down, self.up
         )
@@ -146,6 +158,9 @@ class _LocalDriver:
 
             def mask(node: int = node, client: SecAggClient = client) -> U64:
                 client.receive(routed[node])
+                if self.ddg is not None:
+                    vector = self.vectors[node].astype(np.float64)
+                    return client.mask_integers(distributed.encode(vector, self.ddg))
                 return client.mask(self.vectors[node])[0]
 
             self.masked[node] = self.on_client("mask", node, mask)

@@ -265,6 +265,11 @@ class SecAggServer:
             SecAggAbort: a secret has fewer than t shares, or no t of them rebuild a secret
                 that matches its commitment / public key.
         """
+        return self.quantizer.dequantize(self.finish_integers())
+
+    def finish_integers(self) -> U64:
+        """As :meth:`finish`, but the unmasked sum of the clients' integers, modulo 2^64 (for
+        vectors the clients encoded themselves, e.g. with distributed DP noise)."""
         self._close_stage(self.unmasked, "done")
         assert self.total is not None  # unmask_requests checked that vectors were summed
         total = self.total
@@ -279,7 +284,7 @@ class SecAggServer:
                 key = pair_mask_key(mine, public_key(self.keys[other][1]))
                 add_prg(total, key, -1 if owner > other else +1)
         self.total = None
-        return self.quantizer.dequantize(total)
+        return total
 
     def _rebuild(self, owner: int, kind: str, shares: Mapping[int, bytes]) -> bytes:
         """A secret from its shares, checked; a corrupted share is found and named."""
