@@ -17,6 +17,7 @@ from dp_accounting import rdp
 
 from fedllama import config as config_lib
 from fedllama.config import ConfigError, SecAggConfig
+from fedllama.experiments import report
 from fedllama.privacy.dp import Ledger, RoundEvent, calibrate_noise, mechanism
 from fedllama.privacy.dp import distributed as ddg_lib
 from fedllama.privacy.dp.distributed import (
@@ -30,6 +31,7 @@ from fedllama.privacy.dp.distributed import (
     unrotate,
 )
 from fedllama.privacy.secagg import aggregate_locally
+from fedllama.server.metrics import read_rows
 from tests.harness import TINY_YAML, InProcessGrid, run, tiny_config
 
 ON = SecAggConfig(enabled=True)
@@ -333,6 +335,9 @@ def test_distributed_rounds_add_no_server_noise_and_account_the_summed_clients(
         assert row["dp"]["epsilon"] == pytest.approx(Ledger("rdp", 1e-5, events).epsilon())
         assert "against the server" in row["dp"]["unit"]
     assert math.isfinite(rows[-1]["eval_loss"])
+    summary = report.summary(read_rows(out))
+    assert "distributed discrete Gaussian noise modulo 2^32 from the 4 clients" in summary
+    assert "against the server, no amplification" in summary
 
 
 def test_a_round_whose_noise_would_fall_short_is_not_unmasked(

@@ -120,9 +120,16 @@ def summary(rows: list[MetricsRow]) -> str:
 def _epsilon_line(dp: dict[str, Any]) -> str:
     """ε with the assumptions it rests on."""
     sampling = dp["sampling"] + (f" q={dp['sampling_rate']:g}" if dp.get("sampling_rate") else "")
+    noise = f"{dp['placement']} Gaussian noise"
+    if dp.get("distributed"):
+        dist = dp["distributed"]
+        noise = (
+            f"distributed discrete Gaussian noise modulo 2^{dist['bits']} from the "
+            f"{dist['survivors']} clients in the last sum"
+        )
     return (
         f"ε = {dp['epsilon']:.3f} at δ = {dp['delta']:g} ({dp['accountant']} accountant; "
-        f"privacy unit: one {dp['unit']}; {dp['placement']} Gaussian noise z = "
+        f"privacy unit: one {dp['unit']}; {noise} z = "
         f"{dp['noise_multiplier']:.4g} on updates clipped to C = {dp['clip_norm']:g}; "
         f"{sampling} sampling; the clients' metrics are sent in the clear and not covered)"
     )
