@@ -35,9 +35,11 @@ bench-strategies: setup
 	$(BIN)/python bench/flexlora.py
 	$(BIN)/python bench/memory.py
 
-# Secure aggregation (SecAgg+) against the plain path: protocol at 5-50 clients, tiny round.
+# Secure aggregation (SecAgg+) against the plain path: protocol at 5-50 clients, tiny round;
+# distributed DP noise against plain SecAgg+.
 bench-secagg: setup
 	$(BIN)/python bench/secagg.py
+	$(BIN)/python bench/distributed_dp.py
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

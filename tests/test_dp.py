@@ -17,7 +17,7 @@ from flwr.app import Message
 import strategies
 from fedllama import config as config_lib
 from fedllama.config import ConfigError, DpConfig
-from fedllama.merge import WEIGHT_KEY
+from fedllama.merge import WEIGHT_KEY, MergeError
 from fedllama.privacy.dp import (
     UNCLIPPED,
     Ledger,
@@ -32,7 +32,7 @@ from fedllama.privacy.dp import (
     update_noise_multiplier,
 )
 from fedllama.privacy.dp.mechanism import update_norm
-from fedllama.wire.records import ARRAYS, from_record
+from fedllama.wire.records import ARRAYS, from_record, to_record
 from server.app import check
 from tests.harness import TINY_YAML, InProcessGrid, run, tiny_config
 
@@ -534,3 +534,48 @@ def test_adaptive_clipping_resumes_from_the_last_rounds_c(cache_dir: Path, tmp_p
     carried = first[1]["dp"]["next_clip_norm"]
     assert carried != 0.05 and resumed[2]["dp"]["clip_norm"] == carried
     assert len(norms) == 4 and max(norms) <= carried * (1 + 1e-5)  # round 2 clipped to it
+
+
+def test_the_server_holds_every_plain_reply_to_c_whatever_the_client_sent(
+    cache_dir: Path, tmp_path: Path, capfd
+) -> None:
+    def unclipped(pid: int, reply: Message) -> Message:
+        if pid == 2 and not reply.has_error() and ARRAYS in reply.content.array_records:
+            record = reply.content.array_records[ARRAYS]
+            sent = from_record(record)
+            for key in sent:
+                if key != WEIGHT_KEY:
+                    sent[key] = sent[key] * 100  # a client that does not clip
+            reply.content.array_records[ARRAYS] = to_record(sent)
+        return reply
+
+    cfg = tiny_config(
+        cache_dir,
+        tmp_path / "run",
+        "simulation.num_clients=4",
+        "data.partition=iid",
+        "dp.enabled=true",
+        "dp.clip_norm=0.05",
+        "dp.noise_multiplier=0.5",
+        "dp.sampling=all",
+        "dp.seed=1",
+        "server.min_replies=2",
+        "server.rounds=1",
+        "output.plot=false",
+    )
+    rows = run(InProcessGrid(4, unclipped), cfg)
+
+    assert rows[-1]["clients_ok"] == 3 and rows[-1]["clients_dropped"] == 1
+    log = capfd.readouterr().err
+    assert "dropped node 102: the update's norm 5 exceeds the round's DP clip norm C = 0.05" in log
+
+
+def test_admit_reclips_float_rounding_and_refuses_a_forged_indicator() -> None:
+    release = Release(frozenset({WEIGHT_KEY}), 0.0, noise_generator(0), 4.0, clip_norm=1.0)
+    hair = {A: torch.full((4,), 0.5 * (1 + 5e-5)), WEIGHT_KEY: torch.ones(1)}  # norm 1.00005
+
+    admitted = release.admit(hair)
+
+    assert update_norm(admitted, {WEIGHT_KEY}) <= 1.0 + 1e-7
+    with pytest.raises(MergeError, match=r"must be ±0.5"):
+        release.admit({**hair, UNCLIPPED: torch.tensor([3.0])})

@@ -209,7 +209,10 @@ def collect(plan: RoundPlan, replies: Iterable[Message], record: RoundRecord) ->
             continue
         try:
             valid = validate_reply(reply.content, plan.spec)
-            combiner.add(valid.encoded)
+            encoded = valid.encoded
+            if plan.release is not None:  # DP: the bound must hold whatever the client sent
+                encoded = plan.release.admit(encoded)
+            combiner.add(encoded)
         except (ReplyError, MergeError) as err:
             record.drop(node, str(err))
             continue

@@ -153,7 +153,8 @@ class ServerDp:
         std = self.update_noise * self.clip_norm if central else 0.0
         generator = noise_generator(self.cfg.dp.seed, SERVER_STREAM, server_round)
         expected = self.sampler.expected(population)
-        release = Release(count_keys, std, generator, expected, self.count_noise)
+        checked = self.clip_norm if central else 0.0  # a client's own noise hides its norm
+        release = Release(count_keys, std, generator, expected, self.count_noise, checked)
         if self.cfg.dp.placement == "distributed":
             if self.noise_multiplier == 0:
                 self._calibrate_distributed(population, payload, count_keys)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedllama.config import DpConfig
-from fedllama.merge import AdapterState
+from fedllama.merge import AdapterState, MergeError
 from fedllama.privacy.dp.distributed import DdgParams
 
 
@@ -50,6 +50,10 @@ def clip_update(
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {k: v * scale if k in keys else v for k, v in encoded.items()}, norm
 
+
+CLIP_SLACK = 1e-4
+"""Relative excess over C that :meth:`Release.admit` puts down to the client's float32
+clipping (and removes by re-clipping); anything larger means the client did not clip."""
 
 UNCLIPPED = "fedllama.dp.unclipped"
 """Encoding key of b − 1/2 under adaptive clipping (b = 1 when the update fit under C)."""
@@ -101,6 +105,8 @@ class Release:
     generator: torch.Generator
     expected_clients: float
     count_noise: float = 0.0
+    clip_norm: float = 0.0
+    """C of the round: :meth:`admit` holds every summed payload to it (0: not checked)."""
     unclipped: float | None = None
     """After the call, under adaptive clipping: b̃, the noisy share of clients whose update
     fit under C (it steers the next round's C)."""
@@ -112,6 +118,29 @@ class Release:
     are in the unmasked sum (what the ledger accounts)."""
     headroom: float | None = None
     """With ``distributed`` noise: the largest |value| of the sum over half the modulus."""
+
+    def admit(self, encoded: AdapterState) -> AdapterState:
+        """One client's encoding as the server may sum it: its payload within C (re-clipped
+        exactly to C when the client's float32 clipping left it a hair above), its b − 1/2
+        exactly ±1/2. The bound of the mechanism then holds whatever a client sends.
+
+        Raises:
+            MergeError: the payload's norm exceeds C by more than float rounding, or b − 1/2
+                is not ±1/2: the client did not clip (it is left out of the sum).
+        """
+        if self.clip_norm <= 0:
+            return encoded
+        indicator = encoded.get(UNCLIPPED)
+        if indicator is not None and not (indicator.numel() == 1 and abs(float(indicator)) == 0.5):
+            raise MergeError(f"{UNCLIPPED} must be ±0.5 (b − 1/2), got {indicator.tolist()}")
+        counts = self.count_keys | {UNCLIPPED}
+        norm = update_norm(encoded, counts)
+        if norm > self.clip_norm * (1 + CLIP_SLACK):
+            raise MergeError(
+                f"the update's norm {norm:.6g} exceeds the round's DP clip norm C = "
+                f"{self.clip_norm:.6g}: the client did not clip it"
+            )
+        return clip_update(encoded, counts, self.clip_norm)[0]
 
     def __call__(self, summed: AdapterState) -> AdapterState:
         """The noisy payload, and the expected number of clients in every count key."""
