@@ -53,10 +53,26 @@ RANK1 = {A: torch.tensor([[1.0, 1.0]]), B: torch.tensor([[2.0], [2.0]])}
 RANK2 = {A: torch.tensor([[3.0, 3.0], [5.0, 5.0]]), B: torch.tensor([[4.0, 6.0], [4.0, 6.0]])}
 
 
-def test_zero_pad_averages_padded_zeros_into_high_slots() -> None:
-    out = _merge("zero_pad", [RANK1, RANK2], [1, 1])
-    assert out[A].tolist() == [[2.0, 2.0], [2.5, 2.5]]  # row 1: (0 + 5) / 2
-    assert out[B].tolist() == [[3.0, 3.0], [3.0, 3.0]]  # col 1: (0 + 6) / 2
+def test_zero_pad_averages_the_padded_trained_factors_of_hetloras_baseline() -> None:
+    strategy = strategies.build(_cfg("zero_pad"))
+    g = {A: torch.tensor([[10.0, 20.0], [30.0, 40.0]]), B: torch.tensor([[1.0, 2.0], [3.0, 4.0]])}
+    acc = SumAccumulator()
+    for delta, w in ((RANK1, 1.0), (RANK2, 3.0)):
+        acc.add(strategy.encode(delta, w))
+
+    new = apply_delta(g, strategy.decode(acc.total, g), ServerSGD(lr=1.0))
+
+    # the published rule by hand: pad each client's trained factors G[:r] + Δ with zeros,
+    # average with p = (1/4, 3/4)
+    trained1 = {A: g[A][:1] + RANK1[A], B: g[B][:, :1] + RANK1[B]}
+    trained2 = {A: g[A] + RANK2[A], B: g[B] + RANK2[B]}
+    pad1 = {
+        A: torch.cat([trained1[A], torch.zeros(1, 2)]),
+        B: torch.cat([trained1[B], torch.zeros(2, 1)], 1),
+    }
+    for key in (A, B):
+        torch.testing.assert_close(new[key], 0.25 * pad1[key] + 0.75 * trained2[key])
+    assert new[A][1].tolist() == [0.75 * 35.0, 0.75 * 45.0]  # slot 1 shrinks: client 1 pads 0
 
 
 def test_rank_aware_averages_each_slot_over_its_owners() -> None:
