@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -611,8 +612,24 @@ def to_yaml(cfg: Config) -> str:
 
 
 def from_yaml(text: str, overrides: Sequence[str] = ()) -> Config:
-    """Parse a config serialised by :func:`to_yaml`, with optional overrides."""
-    layers = [OmegaConf.structured(Config), OmegaConf.create(text)]
+    """Parse a config serialised by :func:`to_yaml`, with optional overrides.
+
+    The text is data: a serialised config was resolved where it was made, so an interpolation
+    (``${...}``) is refused, never resolved. A client that parses the server's config would
+    otherwise resolve ``${oc.env:VAR}`` on its own machine and could send the value back.
+
+    Raises:
+        ConfigError: the text is not a YAML mapping, holds an interpolation, or is not a valid
+            config (the message names the key).
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"the serialised config is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"the serialised config is a {type(data).__name__}, not a mapping")
+    _refuse_interpolations(data, "")
+    layers = [OmegaConf.structured(Config), OmegaConf.create(data)]
     if overrides:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
     try:
@@ -624,3 +641,18 @@ def from_yaml(text: str, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(_explain(err)) from None
     assert isinstance(cfg, Config)
     return cfg
+
+
+def _refuse_interpolations(value: Any, key: str) -> None:
+    """Raise ConfigError naming the first key whose string value holds ``${``."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_interpolations(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_interpolations(v, f"{key}[{i}]")
+    elif isinstance(value, str) and "${" in value:
+        raise ConfigError(
+            f"{key}: holds an interpolation ({value!r}); a serialised config is data and "
+            "nothing in it is resolved"
+        )

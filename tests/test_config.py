@@ -100,3 +100,35 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys: pytest.CaptureFixtur
 
     assert main(["check", str(SHIPPED[0]), "lora.r=-1"]) == 2
     assert "lora.r: must be >= 1" in capsys.readouterr().err
+
+
+def test_a_client_resolves_nothing_in_the_servers_config(monkeypatch) -> None:
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedllama.server.inprocess import InProcessGrid
+    from fedllama.wire.records import CONFIG, CONFIG_YAML, ROUND
+    from tests.harness import InProcessGrid as RepoGrid
+
+    secret = "s3cr3t-value-of-the-institution"
+    monkeypatch.setenv("FEDLLAMA_PLANTED", secret)
+    text = config_lib.to_yaml(config_lib.load(None)).replace(
+        "  cache_dir: ~/.cache/fedllama", "  cache_dir: ${oc.env:FEDLLAMA_PLANTED}", 1
+    )
+    assert "${oc.env:FEDLLAMA_PLANTED}" in text  # the coordinator planted it
+
+    with pytest.raises(ConfigError, match=r"model.cache_dir: holds an interpolation") as err:
+        config_lib.from_yaml(text)
+    assert secret not in str(err.value)
+
+    grid: InProcessGrid = RepoGrid(1)
+    content = RecordDict({CONFIG: ConfigRecord({CONFIG_YAML: text, ROUND: 1})})
+    msg = Message(content, dst_node_id=100, message_type="train")
+    (reply,) = grid.pull_messages(grid.push_messages([msg]))
+    assert reply.has_error() and "holds an interpolation" in reply.error.reason
+    assert secret not in reply.error.reason
+
+
+def test_a_serialised_config_round_trips() -> None:
+    cfg = config_lib.load(None, ["dp.enabled=true", "dp.noise_multiplier=1.5", "lora.r=4"])
+
+    assert config_lib.from_yaml(config_lib.to_yaml(cfg)) == cfg

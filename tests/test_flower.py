@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -71,13 +72,20 @@ def test_malformed_reply_is_rejected_with_reason(mutate, reason: str) -> None:
 @pytest.mark.parametrize(
     ("metrics", "reason"),
     [
-        ({"train-loss": 1.0}, "'num-examples' is None"),
+        ({"train-loss": 1.0}, "'num-examples' is missing"),
         ({"num-examples": 0, "train-loss": 1.0}, "expected > 0"),
         ({"num-examples": 3, "train-loss": float("nan")}, "'train-loss' is nan"),
+        ({"num-examples": 3, "train-loss": -0.5}, "'train-loss' is -0.5, expected a finite"),
+        ({"num-examples": 1e308, "train-loss": 1.0}, "'num-examples' is 1e+308"),
+        ({"num-examples": 3, "train-loss": 1.0, "steps": [1, 2]}, "'steps' is [1, 2]"),
+        ({"num-examples": 3, "train-loss": 1.0, "steps": 1.5}, "expected an integer"),
+        ({"num-examples": 3, "train-loss": 1.0, "seconds": float("inf")}, "'seconds' is inf"),
+        ({"num-examples": 3, "train-loss": 1.0, "client-eval-loss": [1.0]}, "client-eval-loss"),
+        ({"num-examples": 3, "train-loss": 1.0, "mood": 1.0}, "unknown metric 'mood'"),
     ],
 )
 def test_bad_metrics_are_rejected(metrics: dict[str, float], reason: str) -> None:
-    with pytest.raises(ReplyError, match=reason):
+    with pytest.raises(ReplyError, match=re.escape(reason)):
         validate_reply(_content(_good(), metrics), SPEC)
 
 
@@ -125,3 +133,46 @@ def test_aggregate_drops_bad_reply_logs_node_and_averages_the_rest(caplog) -> No
     assert torch.allclose(strategy.report.delta[A], torch.full((2, 3), 7.0))
     assert metrics is not None and metrics["train-loss"] == pytest.approx(1.25)
     assert arrays is not None and set(arrays) == {A, B}
+
+
+def test_duplicate_forged_and_foreign_replies_are_refused() -> None:
+    import logging
+
+    from fedllama.server.inprocess import InProcessGrid as Grid
+    from fedllama.server.replies import stream_replies
+
+    class Replaying(Grid):
+        """Before each reply, one forged by another node; after it, the reply again and one
+        that answers a message this round never sent."""
+
+        def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+            replies = list(super().pull_messages(message_ids))
+            forged, foreign = [], []
+            for reply in replies:
+                fake = Message(RecordDict(), reply_to=reply)
+                fake.metadata.__dict__["_reply_to_message_id"] = reply.metadata.reply_to_message_id
+                fake.metadata.__dict__["_src_node_id"] = 999
+                forged.append(fake)
+                other = Message(RecordDict(), reply_to=reply)
+                other.metadata.__dict__["_reply_to_message_id"] = "msg-of-another-round"
+                other.metadata.__dict__["_src_node_id"] = reply.metadata.src_node_id
+                foreign.append(other)
+            return forged + replies + replies + foreign
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("fedllama.server.replies")
+    logger.addHandler(handler)
+    grid = Replaying(lambda msg, ctx: Message(RecordDict(), reply_to=msg), num_nodes=3)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (100, 101, 102)]
+    try:
+        got = list(stream_replies(grid, messages, timeout=5))
+    finally:
+        logger.removeHandler(handler)
+
+    assert sorted(r.metadata.src_node_id for r in got) == [100, 101, 102]  # once each
+    text = "\n".join(lines)
+    assert text.count("refused a reply from node 999 to the message sent to node") == 3
+    assert text.count("which was already answered") == 3
+    assert text.count("which this round did not send") == 3

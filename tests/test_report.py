@@ -67,3 +67,23 @@ def test_a_dp_run_reports_epsilon_with_its_assumptions(tmp_path: Path) -> None:
     plain = [MetricsRow(round=0, eval_loss=3.0), MetricsRow(round=1, eval_loss=2.9, train_loss=3.1)]
     without = report.plot_losses(plain, tmp_path / "a.png").stat().st_size
     assert with_eps > without  # the ε axis and line are drawn
+
+
+def test_metrics_rows_are_strict_json_and_read_back(tmp_path: Path) -> None:
+    import json
+    import math
+
+    from fedllama.server.metrics import append_row, read_rows, truncate_rows
+
+    def refuse(constant: str) -> float:
+        raise ValueError(f"{constant} is not JSON")
+
+    append_row(tmp_path, MetricsRow(round=0, eval_loss=math.nan))  # server.evaluate=false
+    append_row(tmp_path, MetricsRow(round=1, eval_loss=2.0, dp={"epsilon": math.inf}))
+    truncate_rows(tmp_path, 1)
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert rows[0]["eval_loss"] is None and rows[1]["dp"]["epsilon"] is None
+    back = read_rows(tmp_path)
+    assert math.isnan(back[0].eval_loss) and back[1].eval_loss == 2.0

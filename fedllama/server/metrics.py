@@ -8,6 +8,7 @@ the JSON keys are part of what users see: they do not change.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ class MetricsRow:
     Attributes:
         round: the round number; 0 is the initial adapter before any training.
         eval_loss: the global adapter's loss on the server's global eval set (NaN when
-            ``server.evaluate`` is off).
+            ``server.evaluate`` is off, written as ``null``: the file is strict JSON).
         train_loss: the clients' example-weighted loss during their local steps (None in
             round 0).
         bytes_up, bytes_down: payload bytes clients sent and received this round, all clients.
@@ -55,7 +56,8 @@ class MetricsRow:
         for optional in ("secagg", "dp"):
             if row[optional] is None:
                 del row[optional]
-        return row
+        strict: dict[str, Any] = _strict(row)
+        return strict
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> MetricsRow:
@@ -68,7 +70,25 @@ class MetricsRow:
         if missing:
             raise ValueError(f"metrics row without {missing[0]!r}: {row}")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in row.items() if k in known})
+        values = {k: v for k, v in row.items() if k in known}
+        if values["eval_loss"] is None:  # not evaluated
+            values["eval_loss"] = math.nan
+        return cls(**values)
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
+
+
+def _line(row: MetricsRow) -> str:
+    return json.dumps(row.to_json(), allow_nan=False) + "\n"
 
 
 def read_rows(out: Path) -> list[MetricsRow]:
@@ -83,13 +103,13 @@ def read_rows(out: Path) -> list[MetricsRow]:
 def truncate_rows(out: Path, upto: int) -> None:
     """Keep only rows of rounds ``<= upto`` (rounds after the last saved one are redone)."""
     rows = [r for r in read_rows(out) if r.round <= upto]
-    (out / METRICS).write_text("".join(json.dumps(r.to_json()) + "\n" for r in rows))
+    (out / METRICS).write_text("".join(_line(r) for r in rows))
 
 
 def append_row(out: Path, row: MetricsRow) -> None:
     """Append one round's row."""
     with (out / METRICS).open("a") as fh:
-        fh.write(json.dumps(row.to_json()) + "\n")
+        fh.write(_line(row))
 
 
 def weighted_client_eval(clients: list[dict[str, Any]]) -> float | None:

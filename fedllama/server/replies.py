@@ -47,18 +47,30 @@ def stream_replies(
         replies = list(grid.pull_messages(pending))
         for reply in replies:
             mid = reply.metadata.reply_to_message_id
+            if mid not in pending:  # a second reply, or one to a message of another round
+                log.warning(
+                    "refused a reply from node %d: it answers message %r, which %s",
+                    reply.metadata.src_node_id,
+                    mid,
+                    "was already answered" if mid in by_id else "this round did not send",
+                )
+                continue
+            original = by_id[mid]
+            src, dst = reply.metadata.src_node_id, original.metadata.dst_node_id
+            relayed = src == SUPERLINK_NODE_ID and reply.has_error()
+            if src != dst and not relayed:
+                log.warning("refused a reply from node %d to the message sent to node %d", src, dst)
+                continue
             pending.discard(mid)
-            if reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID:
-                original = by_id.get(mid)
-                if original is not None:
-                    log.warning(
-                        "node %d is unreachable (reported by the SuperLink %.1f s after the "
-                        "message was sent): %s",
-                        original.metadata.dst_node_id,
-                        time.monotonic() - start,
-                        reply.error.reason,
-                    )
-                    reply = Message(reply.error, reply_to=original)
+            if relayed:
+                log.warning(
+                    "node %d is unreachable (reported by the SuperLink %.1f s after the "
+                    "message was sent): %s",
+                    dst,
+                    time.monotonic() - start,
+                    reply.error.reason,
+                )
+                reply = Message(reply.error, reply_to=original)
             yield reply
         if pending and not replies:
             time.sleep(poll_s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -75,21 +75,54 @@ def validate_reply(content: RecordDict, spec: ReplySpec) -> ValidReply:
     return ValidReply(tensors, num_examples, train_loss, dict(metrics))
 
 
+MAX_EXAMPLES = 2**53
+"""The most examples one reply may declare (float64 counts them exactly; sums cannot overflow)."""
+
+_INT, _NUM = "an integer", "a number"
+METRIC_RULES: dict[str, tuple[str, float, float]] = {
+    # name: (kind, least, most) of each metric the ClientApp sends (fedllama/client/round.py)
+    NUM_EXAMPLES: (_NUM, 0.0, MAX_EXAMPLES),  # and > 0
+    TRAIN_LOSS: (_NUM, 0.0, math.inf),
+    "client-eval-loss": (_NUM, 0.0, math.inf),
+    "steps": (_INT, 0, math.inf),
+    "seconds": (_NUM, 0.0, math.inf),
+    "tokens": (_INT, 0, math.inf),
+    "lora-rank": (_INT, 1, math.inf),
+    "client-id": (_INT, 0, math.inf),
+    "secagg-clipped": (_INT, 0, math.inf),
+}
+"""Every metric a client may send: its kind and range. A reply with any other metric, or one
+out of its kind or range, is dropped before it counts."""
+
+
+def _check_metric(key: str, value: Any) -> None:
+    rule = METRIC_RULES.get(key)
+    if rule is None:
+        raise ReplyError(f"unknown metric {key!r} (known: {', '.join(sorted(METRIC_RULES))})")
+    kind, least, most = rule
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or (kind == _INT and not isinstance(value, int)):
+        raise ReplyError(f"metric {key!r} is {value!r}, expected {kind}")
+    if not math.isfinite(float(value)) or not least <= value <= most:
+        span = f">= {least:g}" if math.isinf(most) else f"in [{least:g}, {most:g}]"
+        raise ReplyError(f"metric {key!r} is {value!r}, expected a finite number {span}")
+    if key == NUM_EXAMPLES and value <= 0:
+        raise ReplyError(f"metric {key!r} is {value!r}, expected > 0")
+
+
 def check_metrics(metrics: MetricRecord | None) -> tuple[float, float]:
-    """(num-examples, train-loss) of a train reply's metrics (plain or masked).
+    """(num-examples, train-loss) of a train reply's metrics (plain or masked), after checking
+    every metric against :data:`METRIC_RULES`.
 
     Raises:
-        ReplyError: the MetricRecord is missing, or either metric is not a finite number (or
-            num-examples is not > 0). The message names the metric.
+        ReplyError: the MetricRecord is missing, a required metric is absent, or any metric
+            is unknown, of the wrong kind or out of range. The message names the metric.
     """
     if metrics is None:
         raise ReplyError(f"no MetricRecord {METRICS!r} in the reply")
-    numbers = {}
     for key in (NUM_EXAMPLES, TRAIN_LOSS):
-        value = metrics.get(key)
-        if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-            raise ReplyError(f"metric {key!r} is {value!r}, expected a finite number")
-        numbers[key] = float(value)
-    if numbers[NUM_EXAMPLES] <= 0:
-        raise ReplyError(f"metric {NUM_EXAMPLES!r} is {numbers[NUM_EXAMPLES]}, expected > 0")
-    return numbers[NUM_EXAMPLES], numbers[TRAIN_LOSS]
+        if key not in metrics:
+            raise ReplyError(f"metric {key!r} is missing")
+    for key, value in metrics.items():
+        _check_metric(key, value)
+    return float(cast(float, metrics[NUM_EXAMPLES])), float(cast(float, metrics[TRAIN_LOSS]))
