@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,6 +125,21 @@ def test_the_decoded_sum_carries_noise_z_c_from_the_clients_alone() -> None:
     # 4000 coordinates: the sample std is within 3.5 % of σ with probability > 0.999
     assert noise.std() == pytest.approx(z * clip, rel=0.035)
     assert abs(noise.mean()) < 4 * z * clip / math.sqrt(4000)
+
+
+def test_the_noise_share_drawn_while_the_client_trains_is_the_one_encoded() -> None:
+    rng = np.random.default_rng(7)
+    params = _params(dim=2000, sampled=2, survivors=2)
+    x = _unit(rng, 2000, 0.8)
+    silent: Future[np.ndarray] = Future()
+    silent.set_result(np.zeros(params.size, dtype=np.int64))
+
+    decoded, _ = ddg_lib.decode(ddg_lib.encode(x, params, rng, noise=silent), params)
+    drawn = ddg_lib.draw_in_background(params).result()
+
+    assert np.abs(decoded - x).max() < 3 / params.scale  # the given (silent) share was used
+    assert drawn.shape == (params.size,) and drawn.dtype == np.int64
+    assert drawn.std() == pytest.approx(params.local_std, rel=0.05)
 
 
 def test_clients_provisioned_for_fewer_survivors_add_more_noise_each() -> None:

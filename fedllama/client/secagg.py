@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from flwr.app import (
 )
 
 from fedllama.privacy.dp import distributed
-from fedllama.privacy.dp.distributed import DdgParams, DistributedNoiseError
+from fedllama.privacy.dp.distributed import I64, DdgParams, DistributedNoiseError
 from fedllama.privacy.secagg.client import SecAggClient
 from fedllama.privacy.secagg.messages import (
     CLIPPED,
@@ -120,6 +121,7 @@ def client_mask(msg: Message, context: Context, train: Callable[[], Message]) ->
         ddg = DdgParams.from_record(rec)
     except DistributedNoiseError as err:
         raise SecAggError(f"node {client.node}: {err}") from None
+    noise = distributed.draw_in_background(ddg) if ddg is not None else None  # while training
     plain = train()
     if plain.has_error():
         return plain
@@ -134,7 +136,8 @@ def client_mask(msg: Message, context: Context, train: Callable[[], Message]) ->
     if ddg is None:
         masked, clipped = client.mask(layout.flatten(values))
     else:
-        masked, clipped = client.mask_integers(_noisy_integers(values, ddg)), 0
+        assert noise is not None
+        masked, clipped = client.mask_integers(_noisy_integers(values, ddg, noise)), 0
     _store(context, client)
     if clipped:
         log.warning(
@@ -148,7 +151,7 @@ def client_mask(msg: Message, context: Context, train: Callable[[], Message]) ->
     return Message(content, reply_to=msg)
 
 
-def _noisy_integers(values: Mapping[str, Any], ddg: DdgParams) -> U64:
+def _noisy_integers(values: Mapping[str, Any], ddg: DdgParams, noise: Future[I64]) -> U64:
     """The payload (every key but the count keys) with this client's share of the noise, as
     integers modulo 2^b (:func:`fedllama.privacy.dp.distributed.encode`)."""
     payload = Layout.of({k: v.shape for k, v in values.items() if k not in ddg.count_keys})
@@ -158,7 +161,7 @@ def _noisy_integers(values: Mapping[str, Any], ddg: DdgParams) -> U64:
             f"expects {ddg.dim}"
         )
     try:
-        return distributed.encode(payload.flatten(values).astype(np.float64), ddg)
+        return distributed.encode(payload.flatten(values).astype(np.float64), ddg, noise=noise)
     except DistributedNoiseError as err:
         raise SecAggError(str(err)) from None
 

@@ -16,7 +16,8 @@ On a client (:func:`encode`):
    Δ² = min{(cS + √D)², (cS)² + D/4 + √(2 ln(1/β))·(cS + √D/2)}, β = e^{−1/2});
 4. add discrete Gaussian noise N_ℤ(0, σ_c²) to every coordinate, from OpenDP's exact sampler
    (Canonne, Kamath & Steinke, "The Discrete Gaussian for Differential Privacy", NeurIPS 2020),
-   whose randomness is the operating system's CSPRNG (``dp.seed`` does not reach it);
+   whose randomness is the operating system's CSPRNG (``dp.seed`` does not reach it); the
+   ClientApp draws it in a thread while it trains (:func:`draw_in_background`);
 5. reduce modulo 2^b (``dp.modulus_bits``); SecAgg+ masks and sums modulo 2^64, a multiple.
 
 On the server (:func:`decode`): the unmasked sum modulo 2^b, read as signed, divided by S, the
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -294,9 +296,25 @@ def discrete_gaussian(std: float, size: int) -> I64:
     return np.asarray(measurement([0] * size), dtype=np.int64)
 
 
-def encode(x: F64, params: DdgParams, rng: np.random.Generator | None = None) -> U64:
+def draw_in_background(params: DdgParams) -> Future[I64]:
+    """The client's noise share, drawn in a thread: it does not depend on the data, so a
+    client starts it before training and :func:`encode` takes it after (OpenDP's sampler
+    releases the GIL)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddg-noise")
+    future = pool.submit(discrete_gaussian, params.local_std, params.size)
+    pool.shutdown(wait=False)
+    return future
+
+
+def encode(
+    x: F64,
+    params: DdgParams,
+    rng: np.random.Generator | None = None,
+    noise: Future[I64] | None = None,
+) -> U64:
     """A client's payload as the integers it hands to secure aggregation (module docstring,
-    steps 1–5): uint64 values in [0, 2^b).
+    steps 1–5): uint64 values in [0, 2^b). ``noise``: the share from
+    :func:`draw_in_background`, else drawn now.
 
     Raises:
         DistributedNoiseError: ``x`` has the wrong length or is not finite.
@@ -311,7 +329,10 @@ def encode(x: F64, params: DdgParams, rng: np.random.Generator | None = None) ->
         x = x * (params.clip_norm / norm)
     y = rotate(x, params.seed) * params.scale
     rounded = conditional_round(y, params.norm_bound, rng or np.random.default_rng())
-    noisy = rounded + discrete_gaussian(params.local_std, params.size)
+    share = (
+        noise.result() if noise is not None else discrete_gaussian(params.local_std, params.size)
+    )
+    noisy = rounded + share
     out: U64 = np.mod(noisy, 1 << params.bits).astype(np.uint64)
     return out
 
