@@ -247,9 +247,18 @@ class ServerConfig:
     timeout_s: float = 3600.0
     evaluate: bool = True
     """Evaluate the global adapter on the global eval split after every round."""
+    reject_loss_factor: float = 0.0
+    """> 1: a round whose global adapter evaluates above this factor times the previous
+    round's eval loss is rejected (the previous adapter is kept and the run goes on); 0: off.
+    A non-finite adapter or eval loss is always rejected."""
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "server.rounds", f"must be >= 1, got {self.rounds}")
+        _require(
+            self.reject_loss_factor == 0 or self.reject_loss_factor > 1,
+            "server.reject_loss_factor",
+            f"must be 0 (off) or > 1, got {self.reject_loss_factor}",
+        )
         _one_of(self.optimizer, "server.optimizer", SERVER_OPTIMIZERS)
         _require(self.lr > 0, "server.lr", f"must be > 0, got {self.lr}")
         for key in ("momentum", "beta1", "beta2"):

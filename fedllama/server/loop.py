@@ -8,6 +8,7 @@ aggregator's business (:mod:`fedllama.server.aggregate`), chosen once per run.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
@@ -61,6 +63,8 @@ class ServerRun:
     strategy: FedLlamaStrategy
     aggregator: Aggregator
     dp: ServerDp | None
+    last_eval: float = math.nan
+    """The eval loss of the global adapter the next round starts from."""
 
     @classmethod
     def start(cls, cfg: Config, merge: MergeStrategy) -> ServerRun:
@@ -137,8 +141,10 @@ def bootstrap_or_resume(run: ServerRun) -> tuple[AdapterState, int]:
         global_state, optimizer_state = checkpoint.load_global(out, done)
         run.optimizer.load_state_dict(optimizer_state)
         truncate_rows(out, done)
+        rows = read_rows(out)
+        run.last_eval = rows[-1].eval_loss if rows else math.nan
         if run.dp is not None:
-            run.dp.resume(read_rows(out))
+            run.dp.resume(rows)
         if done >= cfg.server.rounds:
             log.info("%s already holds %d rounds; nothing to do", out, done)
         else:
@@ -146,7 +152,7 @@ def bootstrap_or_resume(run: ServerRun) -> tuple[AdapterState, int]:
         return global_state, done
     global_state = run.merge.init_global(run.evaluator.initial_adapter())
     t0 = time.perf_counter()
-    eval_loss = run.evaluate(global_state)
+    eval_loss = run.last_eval = run.evaluate(global_state)
     run.save(0, global_state)
     truncate_rows(out, -1)
     dp = run.dp.summary(0.0) if run.dp else None
@@ -162,8 +168,18 @@ def one_round(
     """Train, aggregate, step, evaluate, save and record one round; the new global state."""
     t0 = time.perf_counter()
     record, delta = aggregate_round(run, grid, global_state, server_round)
-    global_state = apply_delta(global_state, delta, run.optimizer)
-    eval_loss = run.evaluate(global_state)
+    before = copy.deepcopy(run.optimizer.state_dict())
+    candidate = apply_delta(global_state, delta, run.optimizer)
+    eval_loss = run.evaluate(candidate)
+    rejected = rejection(run, candidate, eval_loss)
+    if rejected is None:
+        global_state, run.last_eval = candidate, eval_loss
+    else:
+        log.warning(
+            "round %d rejected: %s; the global adapter stays as it was", server_round, rejected
+        )
+        run.optimizer.load_state_dict(before)
+        eval_loss = run.last_eval
     run.save(server_round, global_state)
     row = MetricsRow(
         round=server_round,
@@ -178,6 +194,7 @@ def one_round(
         clients=record.clients,
         secagg=record.secagg,
         dp=record.dp,
+        rejected=rejected,
     )
     append_row(run.out, row)
     log.info(
@@ -191,6 +208,25 @@ def one_round(
         record.dropped,
     )
     return global_state
+
+
+def rejection(run: ServerRun, candidate: AdapterState, eval_loss: float) -> str | None:
+    """Why ``candidate`` must not become the global adapter, or None: a non-finite value, a
+    non-finite eval loss, or one over ``server.reject_loss_factor`` times the last."""
+    for key, value in candidate.items():
+        if not bool(torch.isfinite(value).all()):
+            return f"the new global adapter has NaN or Inf values in {key}"
+    if not run.cfg.server.evaluate:
+        return None
+    if not math.isfinite(eval_loss):
+        return f"the new global adapter's eval loss is {eval_loss}"
+    factor, last = run.cfg.server.reject_loss_factor, run.last_eval
+    if factor and math.isfinite(last) and eval_loss > factor * last:
+        return (
+            f"the new global adapter's eval loss {eval_loss:.4f} is over "
+            f"server.reject_loss_factor={factor:g} times the last one ({last:.4f})"
+        )
+    return None
 
 
 def aggregate_round(

@@ -35,6 +35,9 @@ class MetricsRow:
             clipped values, unmasked dropouts, per stage traffic and time).
         dp: with differential privacy, ε at δ after this round and every assumption it rests
             on (accountant, z, C, placement, sampling, the unit of privacy, the round's event).
+        rejected: set when the round's new global adapter was rejected (non-finite, or its
+            eval loss over ``server.reject_loss_factor`` times the last one); the round's
+            directory then holds the previous adapter and ``eval_loss`` is its loss.
     """
 
     round: int
@@ -49,11 +52,13 @@ class MetricsRow:
     clients: list[dict[str, Any]] = field(default_factory=list)
     secagg: dict[str, Any] | None = None
     dp: dict[str, Any] | None = None
+    rejected: str | None = None
+    """Why the round's new global adapter was rejected (the previous one was kept)."""
 
     def to_json(self) -> dict[str, Any]:
         """The row as written (``secagg`` and ``dp`` only when they ran)."""
         row = asdict(self)
-        for optional in ("secagg", "dp"):
+        for optional in ("secagg", "dp", "rejected"):
             if row[optional] is None:
                 del row[optional]
         strict: dict[str, Any] = _strict(row)

@@ -46,32 +46,10 @@ def stream_replies(
     while pending and time.monotonic() < start + timeout:
         replies = list(grid.pull_messages(pending))
         for reply in replies:
-            mid = reply.metadata.reply_to_message_id
-            if mid not in pending:  # a second reply, or one to a message of another round
-                log.warning(
-                    "refused a reply from node %d: it answers message %r, which %s",
-                    reply.metadata.src_node_id,
-                    mid,
-                    "was already answered" if mid in by_id else "this round did not send",
-                )
-                continue
-            original = by_id[mid]
-            src, dst = reply.metadata.src_node_id, original.metadata.dst_node_id
-            relayed = src == SUPERLINK_NODE_ID and reply.has_error()
-            if src != dst and not relayed:
-                log.warning("refused a reply from node %d to the message sent to node %d", src, dst)
-                continue
-            pending.discard(mid)
-            if relayed:
-                log.warning(
-                    "node %d is unreachable (reported by the SuperLink %.1f s after the "
-                    "message was sent): %s",
-                    dst,
-                    time.monotonic() - start,
-                    reply.error.reason,
-                )
-                reply = Message(reply.error, reply_to=original)
-            yield reply
+            admitted = _admit(reply, by_id, pending, time.monotonic() - start)
+            if admitted is not None:
+                pending.discard(admitted.metadata.reply_to_message_id)
+                yield admitted
         if pending and not replies:
             time.sleep(poll_s)
     if pending:
@@ -83,3 +61,37 @@ def stream_replies(
             timeout,
             ", ".join(map(str, silent)),
         )
+
+
+def _admit(
+    reply: Message, by_id: dict[str, Message], pending: set[str], waited: float
+) -> Message | None:
+    """The reply as this round counts it, or None (logged) when the round did not ask for it:
+    a second reply to a message, a reply to a message of another round, or one from a node
+    other than the addressee. The SuperLink's own "node unavailable" error replies are
+    re-addressed to the node they stand for."""
+    mid = reply.metadata.reply_to_message_id
+    if mid not in pending:
+        log.warning(
+            "refused a reply from node %d: it answers message %r, which %s",
+            reply.metadata.src_node_id,
+            mid,
+            "was already answered" if mid in by_id else "this round did not send",
+        )
+        return None
+    original = by_id[mid]
+    src, dst = reply.metadata.src_node_id, original.metadata.dst_node_id
+    relayed = src == SUPERLINK_NODE_ID and reply.has_error()
+    if src != dst and not relayed:
+        log.warning("refused a reply from node %d to the message sent to node %d", src, dst)
+        return None
+    if relayed:
+        log.warning(
+            "node %d is unreachable (reported by the SuperLink %.1f s after the message was "
+            "sent): %s",
+            dst,
+            waited,
+            reply.error.reason,
+        )
+        return Message(reply.error, reply_to=original)
+    return reply
