@@ -72,26 +72,20 @@ def bench_protocol(n: int, z: float) -> None:
         f"{'path':<28}{'values sent':>12}{'client s':>10}{'server s':>10}{'MB up':>8}"
         f"{'noise std':>11}"
     )
-    t0 = time.perf_counter()
-    plain = aggregate_locally(vectors, cfg, rng=random.Random(0))
-    plain_wall = time.perf_counter() - t0
-    c_plain, s_plain = _critical_path(plain)
-    up = plain.bytes_up["mask"] / n / 1e6
-    err = float(np.std(plain.total - exact))
-    print(
-        f"{'plain SecAgg+ (48-bit q)':<28}{D_SMOLLM2:>12,}{c_plain:>10.2f}{s_plain:>10.2f}"
-        f"{up:>8.2f}{err:>11.2e}"
-    )
-    t0 = time.perf_counter()
-    ddg = aggregate_locally(vectors, cfg, rng=random.Random(0), ddg=params)
-    ddg_wall = time.perf_counter() - t0
-    c_ddg, s_ddg = _critical_path(ddg)
-    up = ddg.bytes_up["mask"] / n / 1e6
-    err = float(np.std(ddg.total - exact))
-    print(
-        f"{'distributed DG (2^32)':<28}{params.size:>12,}{c_ddg:>10.2f}{s_ddg:>10.2f}"
-        f"{up:>8.2f}{err:>11.4f}"
-    )
+    figures = {}
+    for label, ddg, values in (
+        ("plain SecAgg+ (48-bit q)", None, D_SMOLLM2),
+        ("distributed DG (2^32)", params, params.size),
+    ):
+        t0 = time.perf_counter()
+        out = aggregate_locally(vectors, cfg, rng=random.Random(0), ddg=ddg)
+        wall = time.perf_counter() - t0
+        client, server = _critical_path(out)
+        figures[label] = (client, server, wall)
+        up = out.bytes_up["mask"] / n / 1e6
+        err = float(np.std(out.total - exact))
+        print(f"{label:<28}{values:>12,}{client:>10.2f}{server:>10.2f}{up:>8.2f}{err:>11.3g}")
+    (c_plain, s_plain, plain_wall), (c_ddg, s_ddg, ddg_wall) = figures.values()
     t0 = time.perf_counter()
     distributed.discrete_gaussian(params.local_std, params.size)
     sampler = time.perf_counter() - t0
