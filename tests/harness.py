@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,21 @@ def tiny_config(cache_dir: Path, out: Path, *overrides: str) -> Config:
     return config_lib.load(
         TINY_YAML, [f"model.cache_dir={cache_dir}", f"output.dir={out}", *overrides]
     )
+
+
+@contextlib.contextmanager
+def logged(name: str = "fedllama", level: int = logging.WARNING) -> Iterator[list[str]]:
+    """The messages logged under ``name`` at ``level`` or above while the block runs (a
+    handler of its own: pytest's caplog depends on which handlers other tests left behind)."""
+    lines: list[str] = []
+    handler = logging.Handler(level)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
 
 
 # --------------------------------------------------------------------------- in-process grid

@@ -136,10 +136,9 @@ def test_aggregate_drops_bad_reply_logs_node_and_averages_the_rest(caplog) -> No
 
 
 def test_duplicate_forged_and_foreign_replies_are_refused() -> None:
-    import logging
-
     from fedllama.server.inprocess import InProcessGrid as Grid
     from fedllama.server.replies import stream_replies
+    from tests.harness import logged
 
     class Replaying(Grid):
         """Before each reply, one forged by another node; after it, the reply again and one
@@ -159,17 +158,10 @@ def test_duplicate_forged_and_foreign_replies_are_refused() -> None:
                 foreign.append(other)
             return forged + replies + replies + foreign
 
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("fedllama.server.replies")
-    logger.addHandler(handler)
     grid = Replaying(lambda msg, ctx: Message(RecordDict(), reply_to=msg), num_nodes=3)
     messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (100, 101, 102)]
-    try:
+    with logged() as lines:
         got = list(stream_replies(grid, messages, timeout=5))
-    finally:
-        logger.removeHandler(handler)
 
     assert sorted(r.metadata.src_node_id for r in got) == [100, 101, 102]  # once each
     text = "\n".join(lines)

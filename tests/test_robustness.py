@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from fedllama.merge import WEIGHT_KEY
 from fedllama.model import adapters
 from fedllama.server.loop import rejection
 from fedllama.wire.records import ARRAYS, from_record, to_record
-from tests.harness import TINY_YAML, InProcessGrid, run, tiny_config
+from tests.harness import TINY_YAML, InProcessGrid, logged, run, tiny_config
 
 
 def test_a_poisoned_round_is_rejected_the_previous_adapter_kept_and_the_run_goes_on(
@@ -70,3 +71,91 @@ def test_the_guard_rejects_non_finite_adapters_and_losses_and_a_jump_over_the_fa
 def test_a_factor_of_one_or_less_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"server.reject_loss_factor: must be 0 \(off\) or > 1"):
         config_lib.load(TINY_YAML, ["server.reject_loss_factor=0.5"])
+
+
+# --------------------------------------------------------------------------- a durable run
+
+
+class Crash(RuntimeError):
+    """Stands for the process dying at a write point."""
+
+
+def _crash_on_call(target: object, name: str, call: int, monkeypatch) -> None:
+    """Make ``target.name`` raise :class:`Crash` on its ``call``-th call (1-based)."""
+    real = getattr(target, name)
+    calls = [0]
+
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == call:
+            raise Crash(f"{name} call {call}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, wrapper)
+
+
+def _outcome(out: Path) -> tuple[list[tuple[int, float]], dict[str, torch.Tensor]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    weights, _ = adapters.load_adapter(out / "round-002")
+    return [(r["round"], r["eval_loss"]) for r in rows], weights
+
+
+@pytest.fixture(scope="module")
+def reference(cache_dir: Path, tmp_path_factory) -> tuple[list, dict]:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run(InProcessGrid(3), tiny_config(cache_dir, out, "server.rounds=2", "output.plot=false"))
+    return _outcome(out)
+
+
+@pytest.mark.parametrize(
+    ("where", "call"),
+    [
+        ("save_file", 3),  # inside round 1's directory, before it is renamed into place
+        ("append_row", 2),  # round 1's directory is in place, metrics.jsonl not yet updated
+        ("write_config", 1),  # never got past the config
+    ],
+)
+def test_a_crash_at_any_write_point_resumes_to_the_uninterrupted_result(
+    cache_dir: Path, tmp_path: Path, reference, monkeypatch, where: str, call: int
+) -> None:
+    from fedllama.server import checkpoint
+
+    out = tmp_path / "run"
+    cfg = tiny_config(cache_dir, out, "server.rounds=2", "output.plot=false")
+    with monkeypatch.context() as patch:
+        _crash_on_call(checkpoint, where, call, patch)
+        with pytest.raises(Crash):
+            run(InProcessGrid(3), cfg)
+
+    run(InProcessGrid(3), cfg)  # resumes
+
+    rows, weights = _outcome(out)
+    assert [r for r, _ in rows] == [r for r, _ in reference[0]]
+    losses = [loss for _, loss in reference[0]]
+    assert [loss for _, loss in rows] == pytest.approx(losses, rel=1e-5)  # summation order
+    for key, value in reference[1].items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)  # float order
+
+
+def test_a_damaged_last_round_is_set_aside_and_redone(
+    cache_dir: Path, tmp_path: Path, reference
+) -> None:
+    out = tmp_path / "run"
+    cfg = tiny_config(cache_dir, out, "server.rounds=2", "output.plot=false")
+    run(InProcessGrid(3), cfg)
+    state = out / "round-002" / "server_state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])  # truncated
+    with (out / "metrics.jsonl").open("a") as fh:
+        fh.write('{"round": 3, "eval_lo')  # and a half-written line
+
+    with logged() as lines:
+        run(InProcessGrid(3), cfg)
+
+    assert any("round-002 cannot be read back" in line for line in lines)
+    assert (out / "round-002.damaged" / "server_state.safetensors").is_file()  # kept, not lost
+    rows, weights = _outcome(out)
+    assert [r for r, _ in rows] == [r for r, _ in reference[0]]
+    losses = [loss for _, loss in reference[0]]
+    assert [loss for _, loss in rows] == pytest.approx(losses, rel=1e-5)  # summation order
+    for key, value in reference[1].items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)  # float order

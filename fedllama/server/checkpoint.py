@@ -10,17 +10,25 @@ Layout of ``output.dir``::
         rank-RR/                                         the same at client rank RR (mixed ranks)
         server_state.safetensors                         the strategy's global state
         optimizer_state.safetensors                      the server optimizer's moments
+        metrics-row.json                                 the round's metrics row
     loss.png                 eval/train loss per round
 
-A round directory is written under a temporary name and renamed when complete, so a crash never
-leaves a half-written round that resume would trust.
+A round directory, its metrics row included, is written under a temporary name and renamed when
+complete: the round and its row become visible in one step, and a crash never leaves a
+half-written round that resume would trust. ``metrics.jsonl`` is then replaced (atomically) by
+the rows of the round directories; a crash between the two steps is repaired on resume, which
+rebuilds it from them. A round directory that cannot be read back is set aside
+(``round-NNN.damaged``), named in the log, and the run resumes from the one before.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,10 +44,14 @@ from fedllama.merge import (
     with_residual,
 )
 from fedllama.model import adapters
+from fedllama.server.metrics import MetricsRow, append_row, read_rows, write_rows
+
+log = logging.getLogger(__name__)
 
 SERVER_STATE = "server_state.safetensors"
 OPTIMIZER_STATE = "optimizer_state.safetensors"
 CONFIG = "config.yaml"
+ROW = "metrics-row.json"
 _ROUND_DIR = re.compile(r"^round-(\d{3,})$")
 
 
@@ -55,8 +67,10 @@ def save_round(
     optimizer_state: AdapterState,
     base_dir: Path,
     peft_adapters: list[tuple[int, AdapterState, dict[str, Any]]],
+    row: MetricsRow | None = None,
 ) -> Path:
-    """Write ``round-NNN`` atomically: the global state, the optimizer state and PEFT adapters.
+    """Write ``round-NNN`` atomically: the global state, the optimizer state, PEFT adapters and
+    the round's metrics ``row``; then put the row in ``metrics.jsonl``.
 
     ``peft_adapters`` holds (client rank, weights, ``peft.LoraConfig`` kwargs); the first is
     written at the top of the round directory, the others as ``rank-RR/``.
@@ -71,9 +85,13 @@ def save_round(
     save_file({k: v.contiguous() for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER_STATE))
     for rank, state, lora in others:
         adapters.save_adapter(tmp / f"rank-{rank:02d}", state, lora, base_dir)
+    if row is not None:
+        (tmp / ROW).write_text(json.dumps(row.to_json(), allow_nan=False))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    if row is not None:
+        append_row(out, row)
     return final
 
 
@@ -93,6 +111,72 @@ def load_global(out: Path, server_round: int) -> tuple[AdapterState, AdapterStat
     """The strategy's global state and the optimizer state saved after ``server_round``."""
     directory = round_dir(out, server_round)
     return load_file(str(directory / SERVER_STATE)), load_file(str(directory / OPTIMIZER_STATE))
+
+
+@dataclass
+class Recovered:
+    """Where a resumed run goes on from: the last intact round and its states."""
+
+    server_round: int
+    global_state: AdapterState
+    optimizer_state: AdapterState
+
+
+def recover(out: Path) -> Recovered | None:
+    """The last round directory that reads back whole, or None for a new run.
+
+    A round directory that does not (a truncated or corrupt file) is renamed
+    ``round-NNN.damaged``, with a warning naming the file, and the one before is tried; then
+    ``metrics.jsonl`` is rebuilt from the round directories up to the one recovered.
+    """
+    while (done := last_round(out)) is not None:
+        directory = round_dir(out, done)
+        try:
+            global_state, optimizer_state = load_global(out, done)
+            _row_of(directory)
+            adapters.load_adapter(directory)
+        except Exception as err:  # safetensors, json and OS errors have no common base
+            damaged = directory.with_name(f"{directory.name}.damaged")
+            if damaged.exists():
+                shutil.rmtree(damaged)
+            directory.rename(damaged)
+            log.warning(
+                "%s cannot be read back (%s: %s); set aside as %s, resuming from the round before",
+                directory,
+                type(err).__name__,
+                err,
+                damaged.name,
+            )
+            continue
+        _rebuild_rows(out, done)
+        return Recovered(done, global_state, optimizer_state)
+    return None
+
+
+def _row_of(directory: Path) -> MetricsRow | None:
+    """The metrics row saved in a round directory (None for one written before rows were)."""
+    path = directory / ROW
+    if not path.is_file():
+        return None
+    return MetricsRow.from_json(json.loads(path.read_text()))
+
+
+def _rebuild_rows(out: Path, upto: int) -> None:
+    """``metrics.jsonl`` with the row of every round directory up to ``upto`` (a round written
+    before rows were saved with it keeps its line from the old file)."""
+    try:
+        old = {r.round: r for r in read_rows(out)}
+    except ValueError as err:
+        log.warning("%s; rebuilding it from the round directories", err)
+        old = {}
+    rows = []
+    for server_round in range(upto + 1):
+        directory = round_dir(out, server_round)
+        row = _row_of(directory) if directory.is_dir() else None
+        row = row or old.get(server_round)
+        if row is not None:
+            rows.append(row)
+    write_rows(out, rows)
 
 
 _MUST_MATCH = ("model", "lora", "strategy", "data", "dp")
@@ -120,9 +204,11 @@ def check_resumable(out: Path, cfg: Config) -> None:
 
 
 def write_config(out: Path, cfg: Config) -> None:
-    """Save the resolved config next to the rounds."""
+    """Save the resolved config next to the rounds (atomically)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG).write_text(to_yaml(cfg))
+    tmp = out / f".{CONFIG}.tmp"
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, out / CONFIG)
 
 
 def round_adapters(

@@ -38,7 +38,6 @@ from fedllama.server.dp import PrivacyBudgetSpent, ServerDp
 from fedllama.server.evaluator import Evaluator, server_view
 from fedllama.server.metrics import (
     MetricsRow,
-    append_row,
     read_rows,
     truncate_rows,
     weighted_client_eval,
@@ -99,8 +98,8 @@ class ServerRun:
         """The global model's eval loss (its view at ``lora.r`` and its residual)."""
         return self.evaluator(*server_view(self.cfg, self.merge, global_state))
 
-    def save(self, server_round: int, global_state: AdapterState) -> None:
-        """Write the round directory (atomically)."""
+    def save(self, server_round: int, global_state: AdapterState, row: MetricsRow) -> None:
+        """Write the round directory with its metrics row (one atomic step)."""
         checkpoint.save_round(
             self.out,
             server_round,
@@ -108,6 +107,7 @@ class ServerRun:
             self.optimizer.state_dict(),
             self.base_dir,
             checkpoint.round_adapters(self.cfg, self.merge, global_state),
+            row,
         )
 
 
@@ -133,14 +133,13 @@ def bootstrap_or_resume(run: ServerRun) -> tuple[AdapterState, int]:
     """The global state to go on from and the last completed round.
 
     A new run evaluates and saves the initial adapter as round 0; a resumed one loads its last
-    round directory and drops metrics rows of rounds after it (they are redone).
+    intact round directory, with ``metrics.jsonl`` rebuilt up to it (later rounds are redone).
     """
     out, cfg = run.out, run.cfg
-    done = checkpoint.last_round(out)
-    if done is not None:
-        global_state, optimizer_state = checkpoint.load_global(out, done)
-        run.optimizer.load_state_dict(optimizer_state)
-        truncate_rows(out, done)
+    recovered = checkpoint.recover(out)
+    if recovered is not None:
+        done, global_state = recovered.server_round, recovered.global_state
+        run.optimizer.load_state_dict(recovered.optimizer_state)
         rows = read_rows(out)
         run.last_eval = rows[-1].eval_loss if rows else math.nan
         if run.dp is not None:
@@ -153,11 +152,10 @@ def bootstrap_or_resume(run: ServerRun) -> tuple[AdapterState, int]:
     global_state = run.merge.init_global(run.evaluator.initial_adapter())
     t0 = time.perf_counter()
     eval_loss = run.last_eval = run.evaluate(global_state)
-    run.save(0, global_state)
     truncate_rows(out, -1)
     dp = run.dp.summary(0.0) if run.dp else None
     row = MetricsRow(round=0, eval_loss=eval_loss, seconds=time.perf_counter() - t0, dp=dp)
-    append_row(out, row)
+    run.save(0, global_state, row)
     log.info("round 0 (initial adapter): eval_loss %.4f", eval_loss)
     return global_state, 0
 
@@ -180,7 +178,6 @@ def one_round(
         )
         run.optimizer.load_state_dict(before)
         eval_loss = run.last_eval
-    run.save(server_round, global_state)
     row = MetricsRow(
         round=server_round,
         eval_loss=eval_loss,
@@ -196,7 +193,7 @@ def one_round(
         dp=record.dp,
         rejected=rejected,
     )
-    append_row(run.out, row)
+    run.save(server_round, global_state, row)
     log.info(
         "round %d/%d done in %.1f s: eval_loss %.4f, train_loss %.4f, %d ok, %d dropped",
         server_round,

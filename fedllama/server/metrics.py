@@ -8,12 +8,16 @@ the JSON keys are part of what users see: they do not change.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 METRICS = "metrics.jsonl"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,7 +31,8 @@ class MetricsRow:
         train_loss: the clients' example-weighted loss during their local steps (None in
             round 0).
         bytes_up, bytes_down: payload bytes clients sent and received this round, all clients.
-        seconds: wall time of the round, evaluation and checkpoint included.
+        seconds: wall time of the round up to its checkpoint (training, aggregation and
+            evaluation; the checkpoint is written with the row).
         client_eval_loss: clients' own eval loss after training, example-weighted.
         clients_ok, clients_dropped: replies counted and dropped.
         clients: each counted client's metrics (``node`` plus what it reported).
@@ -97,24 +102,43 @@ def _line(row: MetricsRow) -> str:
 
 
 def read_rows(out: Path) -> list[MetricsRow]:
-    """Every row of ``out/metrics.jsonl`` (empty when absent)."""
+    """Every row of ``out/metrics.jsonl`` (empty when absent). A half-written last line (a
+    crash while it was written by an older version) is skipped with a warning.
+
+    Raises:
+        ValueError: a line other than the last is not a metrics row (names file and line).
+    """
     path = out / METRICS
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
-    return [MetricsRow.from_json(json.loads(line)) for line in lines if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(MetricsRow.from_json(json.loads(line)))
+        except ValueError as err:  # JSONDecodeError is a ValueError
+            if number < len(lines):
+                raise ValueError(f"{path}:{number} is not a metrics row: {err}") from None
+            log.warning("%s: the last line is half-written and is skipped (%s)", path, err)
+    return rows
+
+
+def write_rows(out: Path, rows: list[MetricsRow]) -> None:
+    """Replace ``out/metrics.jsonl`` with ``rows`` in one atomic step (a temporary file, then
+    a rename: a reader sees the old file or the new one, never a part)."""
+    tmp = out / f".{METRICS}.tmp"
+    tmp.write_text("".join(_line(r) for r in rows))
+    os.replace(tmp, out / METRICS)
 
 
 def truncate_rows(out: Path, upto: int) -> None:
     """Keep only rows of rounds ``<= upto`` (rounds after the last saved one are redone)."""
-    rows = [r for r in read_rows(out) if r.round <= upto]
-    (out / METRICS).write_text("".join(_line(r) for r in rows))
+    write_rows(out, [r for r in read_rows(out) if r.round <= upto])
 
 
 def append_row(out: Path, row: MetricsRow) -> None:
-    """Append one round's row."""
-    with (out / METRICS).open("a") as fh:
-        fh.write(_line(row))
+    """Add one round's row (replacing a row of the same round), atomically."""
+    write_rows(out, [r for r in read_rows(out) if r.round < row.round] + [row])
 
 
 def weighted_client_eval(clients: list[dict[str, Any]]) -> float | None:
