@@ -12,7 +12,7 @@ works unchanged (``peft_kwargs`` only drops ``client_ranks``, which is ours).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -593,9 +593,20 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            layers.append(OmegaConf.load(p))
+            loaded = OmegaConf.load(p)
         except Exception as err:  # yaml errors have no common base in OmegaConf
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from err
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(
+                f"config file {str(p)!r} is a YAML list; expected a mapping "
+                f"of sections ({', '.join(f.name + ':' for f in fields(Config))})"
+            )
+        if not loaded:
+            raise ConfigError(
+                f"config file {str(p)!r} is empty; give at least one section (e.g. model:), or "
+                "no file for the defaults"
+            )
+        layers.append(loaded)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,24 @@ def test_a_serialised_config_round_trips() -> None:
     cfg = config_lib.load(None, ["dp.enabled=true", "dp.noise_multiplier=1.5", "lora.r=4"])
 
     assert config_lib.from_yaml(config_lib.to_yaml(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (
+            "- model\n- lora\n",
+            "is a YAML list; expected a mapping of sections (model:, lora:",
+        ),
+        ("", "is empty; give at least one section"),
+        ("# only a comment\n", "is empty"),
+    ],
+)
+def test_a_config_file_that_is_not_a_mapping_is_refused(
+    tmp_path: Path, text: str, reason: str
+) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+
+    with pytest.raises(ConfigError, match=re.escape(reason)):
+        config_lib.load(path)

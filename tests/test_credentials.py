@@ -200,3 +200,18 @@ def test_cli_creates_credentials_and_refuses_to_overwrite(tmp_path: Path) -> Non
     assert "ca.crt already exists" in again.stderr
     assert node.returncode == 0
     assert _mode(directory / "nodes" / "law-firm.key") == 0o600
+
+
+def test_credential_folders_are_0700_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+
+    previous = os.umask(0)
+    try:
+        made = credentials.create(tmp_path / "a" / "b" / "creds", ["localhost"], ["clinic"])
+    finally:
+        os.umask(previous)
+
+    for folder in (tmp_path / "a", tmp_path / "a" / "b", made.ca_cert.parent):
+        assert _mode(folder) == 0o700, folder
+    assert _mode(made.nodes["clinic"].private_key.parent) == 0o700
+    assert _mode(made.nodes["clinic"].private_key) == 0o600

@@ -177,3 +177,22 @@ def test_collate_pads_right_and_masks_padding() -> None:
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_awkward_files_end_in_one_line_naming_the_file(tmp_path: Path) -> None:
+    wide = tmp_path / "wide.csv"
+    wide.write_text("instruction,response\nQ,A\nQ,A,surplus,more\n")
+    with pytest.raises(DataError, match=re.escape("wide.csv:3: 2 more field(s) than the header")):
+        data.read_local(wide)
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match=re.escape("deep.jsonl:1: JSON nested too deeply")):
+        data.read_local(deep)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    jsonl, csv_file = tmp_path / "a.jsonl", tmp_path / "b.csv"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"instruction": "Q", "response": "A"}\n')
+    csv_file.write_bytes(b"\xef\xbb\xbfinstruction,response\nQ,A\n")
+
+    assert len(data.read_local(tmp_path)) == 2

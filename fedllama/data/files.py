@@ -63,6 +63,16 @@ def _row_to_example(row: Any, where: str, institution: str) -> Example:
     return {"messages": messages, "institution": str(row.get("institution", institution))}
 
 
+def _json_row(line: str, path: Path, n: int) -> Any:
+    """One JSONL line, or a DataError naming the file and line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{n}: invalid JSON ({err.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{n}: JSON nested too deeply to be an example") from None
+
+
 def read_file(path: Path) -> list[Example]:
     """Read one .jsonl or .csv file; the institution defaults to the file's stem."""
     if not path.is_file():
@@ -70,18 +80,22 @@ def read_file(path: Path) -> list[Example]:
     examples: list[Example] = []
     try:
         if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as fh:
+            with path.open(encoding="utf-8-sig") as fh:  # a byte-order mark is allowed
                 for n, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path}:{n}: invalid JSON ({err.msg})") from None
-                    examples.append(_row_to_example(row, f"{path}:{n}", path.stem))
+                    examples.append(
+                        _row_to_example(_json_row(line, path, n), f"{path}:{n}", path.stem)
+                    )
         elif path.suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as fh:
-                for n, row in enumerate(csv.DictReader(fh), 2):
+            with path.open(encoding="utf-8-sig", newline="") as fh:
+                reader = csv.DictReader(fh)
+                for n, row in enumerate(reader, 2):
+                    if None in row:  # csv puts the fields beyond the header under None
+                        raise DataError(
+                            f"{path}:{n}: {len(row[None])} more field(s) than the header's "
+                            f"{len(reader.fieldnames or [])} columns {reader.fieldnames}"
+                        )
                     examples.append(_row_to_example(dict(row), f"{path}:{n}", path.stem))
         else:
             raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .csv")

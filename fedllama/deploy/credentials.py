@@ -272,7 +272,16 @@ def _check_free(paths: Sequence[Path], force: bool) -> None:
 
 
 def _mkdir_private(directory: Path) -> None:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create ``directory`` and each missing parent with mode 0700 whatever the umask
+    (``mkdir(parents=True)`` gives the parents the umask's mode, 0777 under umask 000);
+    directories that already exist are left as they are."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
