@@ -247,6 +247,9 @@ class ServerConfig:
     timeout_s: float = 3600.0
     evaluate: bool = True
     """Evaluate the global adapter on the global eval split after every round."""
+    max_examples: int = 0
+    """> 0: a reply declaring more examples than this is dropped (its weight would dominate the
+    average); 0: no cap (the declared count is still checked against the encoded weight)."""
     reject_loss_factor: float = 0.0
     """> 1: a round whose global adapter evaluates above this factor times the previous
     round's eval loss is rejected (the previous adapter is kept and the run goes on); 0: off.
@@ -254,6 +257,11 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "server.rounds", f"must be >= 1, got {self.rounds}")
+        _require(
+            self.max_examples >= 0,
+            "server.max_examples",
+            f"must be >= 0 (0 = no cap), got {self.max_examples}",
+        )
         _require(
             self.reject_loss_factor == 0 or self.reject_loss_factor > 1,
             "server.reject_loss_factor",

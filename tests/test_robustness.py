@@ -159,3 +159,72 @@ def test_a_damaged_last_round_is_set_aside_and_redone(
     assert [loss for _, loss in rows] == pytest.approx(losses, rel=1e-5)  # summation order
     for key, value in reference[1].items():
         torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)  # float order
+
+
+# --------------------------------------------------------------------------- declared weights
+
+
+def _reweigh(factor: float, pid_to_change: int = 1):  # type: ignore[no-untyped-def]
+    """A tamper hook that multiplies one client's encoded weight (not its declared count)."""
+
+    def tamper(pid: int, reply: Message) -> Message:
+        if pid == pid_to_change and ARRAYS in reply.content.array_records:
+            sent = from_record(reply.content.array_records[ARRAYS])
+            sent[WEIGHT_KEY] = sent[WEIGHT_KEY] * factor
+            reply.content.array_records[ARRAYS] = to_record(sent)
+        return reply
+
+    return tamper
+
+
+def test_an_encoded_weight_other_than_the_declared_count_is_dropped(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(cache_dir, tmp_path / "run", "server.rounds=1", "output.plot=false")
+    with logged() as lines:
+        rows = run(InProcessGrid(3, _reweigh(1000.0)), cfg)
+
+    assert rows[-1]["clients_ok"] == 2 and rows[-1]["clients_dropped"] == 1
+    expected = "fedllama.weight: the encoded weight"
+    assert any(expected in line and "is not the declared" in line for line in lines)
+
+
+def test_a_reply_over_the_example_cap_is_dropped(cache_dir: Path, tmp_path: Path) -> None:
+    from fedllama.server.aggregate import RoundFailed
+
+    free = tiny_config(cache_dir, tmp_path / "run", "server.rounds=1", "output.plot=false")
+    counts = [c["num-examples"] for c in run(InProcessGrid(3), free)[-1]["clients"]]
+    cap = int(min(counts)) - 1
+    capped = tiny_config(
+        cache_dir, tmp_path / "capped", "output.plot=false", f"server.max_examples={cap}"
+    )
+
+    with logged() as lines, pytest.raises(RoundFailed, match="0 good replies"):
+        run(InProcessGrid(3), capped)
+
+    assert len(counts) == 3
+    assert sum(f"over server.max_examples={cap}" in line for line in lines) == 3
+
+
+def test_under_secure_aggregation_a_weight_nobody_declared_stops_the_release(
+    cache_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from fedllama.server.aggregate import RoundFailed
+    from strategies.fedavg import FedAvg
+
+    real = FedAvg.encode
+    calls = [0]
+
+    def inflated(self, delta, weight, view=None):  # type: ignore[no-untyped-def]
+        if weight != 1.0:  # a client's encoding (the server probes shapes with weight 1)
+            calls[0] += 1
+            weight = weight * (50 if calls[0] == 1 else 1)  # the first client lies
+        return real(self, delta, weight, view)
+
+    monkeypatch.setattr(FedAvg, "encode", inflated)
+    cfg = tiny_config(
+        cache_dir, tmp_path / "run", "server.rounds=1", "output.plot=false", "secagg.enabled=true"
+    )
+    with pytest.raises(RoundFailed, match="a client encoded a weight it did not declare"):
+        run(InProcessGrid(3), cfg)
+    assert calls[0] == 3

@@ -37,7 +37,13 @@ from fedllama.merge import (
 from fedllama.privacy.dp import Release
 from fedllama.server.replies import stream_replies
 from fedllama.wire.records import ARRAYS, record_bytes
-from fedllama.wire.validate import ReplyError, ReplySpec, validate_reply
+from fedllama.wire.validate import (
+    ReplyError,
+    ReplySpec,
+    check_cap,
+    check_weight,
+    validate_reply,
+)
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -70,6 +76,12 @@ class RoundPlan:
     release: Release | None = None
     """Under differential privacy: what the sum goes through before ``merge.decode`` (noise,
     fixed denominator). A round in which no client was counted then releases noise alone."""
+    max_examples: int = 0
+    """``server.max_examples``: a reply declaring more is dropped (0: no cap)."""
+
+    def expected_weight(self, num_examples: float) -> float:
+        """The weight a reply's encoding must carry: its examples, or 1 under DP."""
+        return 1.0 if self.release is not None else num_examples
 
     def decode(self, summed: AdapterState) -> AdapterState:
         """The aggregated delta from the sum of the encodings (released first under DP)."""
@@ -209,6 +221,9 @@ def collect(plan: RoundPlan, replies: Iterable[Message], record: RoundRecord) ->
             continue
         try:
             valid = validate_reply(reply.content, plan.spec)
+            check_cap(valid.num_examples, plan.max_examples)
+            expected = plan.expected_weight(valid.num_examples)
+            check_weight(valid.encoded, plan.merge.count_keys, expected)
             encoded = valid.encoded
             if plan.release is not None:  # DP: the bound must hold whatever the client sent
                 encoded = plan.release.admit(encoded)

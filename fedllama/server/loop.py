@@ -242,6 +242,7 @@ def aggregate_round(
     messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
     log.info("round %d/%d: training on %d clients", server_round, cfg.server.rounds, len(messages))
     plan = strategy.plan(server_round, messages, _log_reply(server_round, len(messages)))
+    plan.max_examples = cfg.server.max_examples
     needed = cfg.server.min_replies
     if run.dp is not None:
         count_keys = run.merge.count_keys

@@ -37,8 +37,8 @@ from fedllama.privacy.secagg.server import SecAggServer
 from fedllama.server.aggregate import RoundFailed, RoundPlan, RoundRecord
 from fedllama.server.replies import stream_replies
 from fedllama.wire.layout import Layout
-from fedllama.wire.records import ARRAYS, CONFIG, METRICS, record_bytes
-from fedllama.wire.validate import ReplyError, check_metrics
+from fedllama.wire.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, record_bytes
+from fedllama.wire.validate import ReplyError, check_cap, check_metrics
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -177,6 +177,8 @@ class _SecureRound:
             self.check_noise(self.ddg)
         self.unmask()
         summed = self.distributed_sum() if self.ddg else self.layout.unflatten(self.server.finish())
+        if self.ddg is None:
+            self.check_total_weight(summed)
         record = self.record
         record.dropped = len(self.nodes) - record.ok
         try:
@@ -251,6 +253,24 @@ class _SecureRound:
             summed[key] = torch.zeros(shapes[key])
         return summed
 
+    def check_total_weight(self, summed: AdapterState) -> None:
+        """The unmasked sum's weight must be what the summed clients declared (their examples,
+        or 1 each under DP): every client owns rank slot 0, so element 0 of each count key
+        sums their weights. A client that masked a weight it did not declare shows here, and
+        the sum is not released (which client cannot be told: the server sees only the sum)."""
+        expected = sum(self.plan.expected_weight(c[NUM_EXAMPLES]) for c in self.record.clients)
+        tolerance = (
+            1e-6 * max(1.0, expected) + len(self.record.clients) * self.server.quantizer.step
+        )
+        for key in sorted(self.plan.merge.count_keys & set(summed)):
+            total = float(summed[key].reshape(-1)[0])
+            if abs(total - expected) > tolerance:
+                raise SecAggAbort(
+                    f"the unmasked sum's weight {key} is {total:g}, but the summed clients "
+                    f"declared {expected:g} in all: a client encoded a weight it did not "
+                    "declare; the sum is not released"
+                )
+
     def ask(
         self, stage: str, requests: Mapping[int, dict[str, Any]], timeout: float
     ) -> Iterator[tuple[int, ConfigRecord]]:
@@ -317,6 +337,7 @@ class _SecureRound:
                 masked, metrics, num_examples, train_loss = _check_masked(
                     reply.content, self.length
                 )
+                check_cap(num_examples, self.plan.max_examples)
                 self.server.add_masked(node, masked)
             except (SecAggError, ReplyError) as err:
                 self.server.drop(node, str(err))

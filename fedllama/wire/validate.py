@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -108,6 +109,36 @@ def _check_metric(key: str, value: Any) -> None:
         raise ReplyError(f"metric {key!r} is {value!r}, expected a finite number {span}")
     if key == NUM_EXAMPLES and value <= 0:
         raise ReplyError(f"metric {key!r} is {value!r}, expected > 0")
+
+
+def check_weight(encoded: AdapterState, count_keys: Iterable[str], expected: float) -> None:
+    """The weight an encoding carries in its count keys (the strategy's ``count_keys``: a
+    scalar weight, or a weight on each rank slot the client owns) must be the one its reply
+    declares: each value 0 or ``expected`` (``num-examples``, or 1 under DP), and not all 0.
+
+    Raises:
+        ReplyError: a count value is negative, differs from ``expected``, or all are 0.
+    """
+    tolerance = 1e-6 * max(1.0, abs(expected))  # float32 holds integers exactly up to 2^24
+    for key in count_keys:
+        if key not in encoded:
+            continue
+        values = encoded[key].reshape(-1).double()
+        wrong = values[(values != 0) & ((values - expected).abs() > tolerance)]
+        if wrong.numel() or (values < 0).any() or not bool((values != 0).any()):
+            shown = float(wrong[0]) if wrong.numel() else float(values.min())
+            raise ReplyError(
+                f"{key}: the encoded weight {shown:g} is not the declared {expected:g} "
+                "(num-examples, or 1 under DP)"
+            )
+
+
+def check_cap(num_examples: float, cap: int) -> None:
+    """``num-examples`` within ``server.max_examples`` (0: no cap); ReplyError otherwise."""
+    if cap and num_examples > cap:
+        raise ReplyError(
+            f"metric {NUM_EXAMPLES!r} is {num_examples:g}, over server.max_examples={cap}"
+        )
 
 
 def check_metrics(metrics: MetricRecord | None) -> tuple[float, float]:
