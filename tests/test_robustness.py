@@ -7,16 +7,17 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import Message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedllama import config as config_lib
 from fedllama.config import ConfigError
 from fedllama.merge import WEIGHT_KEY
 from fedllama.model import adapters
 from fedllama.server.loop import rejection
-from fedllama.wire.records import ARRAYS, from_record, to_record
+from fedllama.wire.records import ARRAYS, METRICS, from_record, to_record
 from tests.harness import TINY_YAML, InProcessGrid, logged, run, tiny_config
 
 
@@ -228,3 +229,106 @@ def test_under_secure_aggregation_a_weight_nobody_declared_stops_the_release(
     with pytest.raises(RoundFailed, match="a client encoded a weight it did not declare"):
         run(InProcessGrid(3), cfg)
     assert calls[0] == 3
+
+
+# --------------------------------------------------------------------------- fuzz
+
+
+def _fuzzed_replies(rng: np.random.Generator, count: int, spec_shapes: dict) -> list[RecordDict]:
+    """``count`` malformed train replies, each a valid one with one seeded defect."""
+    good_arrays = {k: np.full(shape, 0.01, np.float32) for k, shape in spec_shapes.items()}
+    good_arrays[WEIGHT_KEY] = np.array([5.0], np.float32)
+    key = sorted(spec_shapes)[0]
+
+    def array(value: np.ndarray, dtype: str | None = None, shape: tuple | None = None) -> Array:
+        out = Array(value)
+        if dtype is not None:
+            out.dtype = dtype
+        if shape is not None:
+            out.shape = shape
+        return out
+
+    defects = [
+        lambda a, m: a.pop(key),
+        lambda a, m: a.__setitem__("unexpected", array(np.ones(2, np.float32))),
+        lambda a, m: a.__setitem__(key, array(np.ones((9, 9), np.float32))),
+        lambda a, m: a.__setitem__(key, array(good_arrays[key].astype(np.float64))),
+        lambda a, m: a.__setitem__(key, array(good_arrays[key].astype(">f4"), dtype="float32")),
+        lambda a, m: a.__setitem__(key, array(np.array(["x"] * 4), "float32", (2, 2))),
+        lambda a, m: a.__setitem__(key, array(np.full(spec_shapes[key], np.nan, np.float32))),
+        lambda a, m: a.__setitem__(key, array(np.full(spec_shapes[key], -np.inf, np.float32))),
+        lambda a, m: a.__setitem__(
+            WEIGHT_KEY, array(np.array([rng.choice([0.0, -5, 1e30])], np.float32))
+        ),
+        lambda a, m: setattr(a[key], "data", a[key].data[: int(rng.integers(0, 40))]),
+        lambda a, m: setattr(a[key], "data", rng.bytes(int(rng.integers(1, 200)))),
+        lambda a, m: m.pop("num-examples"),
+        lambda a, m: m.__setitem__("num-examples", float(rng.choice([0, -3, 1e308, np.nan]))),
+        lambda a, m: m.__setitem__("train-loss", float(rng.choice([-1.0, np.inf, np.nan]))),
+        lambda a, m: m.__setitem__("steps", [1, 2]),
+        lambda a, m: m.__setitem__("client-eval-loss", [0.5]),
+        lambda a, m: m.__setitem__("surprise", 1.0),
+        lambda a, m: m.__setitem__("num-examples", 7),  # disagrees with the encoded weight 5
+    ]
+    replies = []
+    for i in range(count):
+        arrays = {k: Array(v) for k, v in good_arrays.items()}
+        metrics: dict = {"num-examples": 5, "train-loss": 1.5}
+        defects[i % len(defects)](arrays, metrics)
+        replies.append(RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord(metrics)}))
+    return replies
+
+
+def test_ten_thousand_malformed_replies_are_each_dropped_with_a_reason() -> None:
+    from fedllama.privacy.secagg.messages import MASKED
+    from fedllama.privacy.secagg.params import SecAggError
+    from fedllama.server.aggregate import RoundPlan, RoundRecord, collect
+    from fedllama.server.secure import _check_masked
+    from fedllama.wire.validate import ReplyError, ReplySpec
+    from strategies.fedavg import FedAvg
+
+    shapes = {"m.lora_A.weight": (2, 3), "m.lora_B.weight": (3, 2), WEIGHT_KEY: (1,)}
+    spec = ReplySpec(shapes=shapes)
+    global_state = {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(3, 2)}
+    rng = np.random.default_rng(0)
+    bad = _fuzzed_replies(rng, 9_000, shapes)
+    fine = {k: Array(np.full(s, 0.01, np.float32)) for k, s in shapes.items()}
+    fine[WEIGHT_KEY] = Array(np.array([5.0], np.float32))
+    valid = RecordDict(
+        {ARRAYS: ArrayRecord(fine), METRICS: MetricRecord({"num-examples": 5, "train-loss": 1.0})}
+    )
+    InProcessGrid(1)  # sets Flower's task identity, which a Message needs
+    messages = []
+    for i, content in enumerate([*bad, valid, valid]):
+        msg = Message(content, dst_node_id=1, message_type="train")
+        msg.metadata.__dict__["_src_node_id"] = 1000 + i
+        messages.append(msg)
+    plan = RoundPlan(1, [], FedAvg(), global_state, spec)
+    record = RoundRecord(server_round=1)
+
+    with logged() as lines:
+        collect(plan, messages, record)
+
+    assert record.ok == 2 and record.dropped == 9_000
+    assert len(lines) == 9_000 and all(": " in line.split("dropped node", 1)[1] for line in lines)
+    assert record.delta is not None
+    assert all(bool(torch.isfinite(v).all()) for v in record.delta.values())
+
+    # the secure path's reply parsing: every malformed masked reply is a named SecAggError
+    refused = 0
+    for i in range(1_500):
+        kind = i % 5
+        payload = [
+            np.array(["x"] * 4),
+            np.full(4, np.nan),
+            np.ones(4, np.int64),
+            np.ones(3, np.uint64),
+            np.ones(4, ">u8"),
+        ][kind]
+        masked = Array(payload)
+        masked.dtype, masked.shape = "uint64", (4,)
+        metrics = MetricRecord({"num-examples": 5, "train-loss": 1.0, "secagg-clipped": 0})
+        with pytest.raises((SecAggError, ReplyError)):
+            _check_masked(RecordDict({MASKED: ArrayRecord({MASKED: masked}), METRICS: metrics}), 4)
+        refused += 1
+    assert refused == 1_500

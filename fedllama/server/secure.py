@@ -411,10 +411,15 @@ def _check_masked(content: RecordDict, length: int) -> tuple[U64, dict[str, Any]
         masked = np.asarray(array.numpy())
     except Exception as err:  # a corrupt payload fails inside numpy's loader
         raise SecAggError(f"masked vector cannot be decoded ({err})") from None
+    if masked.dtype != np.dtype(np.uint64) or masked.shape != (length,):
+        raise SecAggError(
+            f"masked vector's payload is {masked.dtype.str} {masked.shape}, not the declared "
+            f"uint64 ({length},)"
+        )
     metrics = content.metric_records.get(METRICS)
     num_examples, train_loss = check_metrics(metrics)
     assert metrics is not None  # check_metrics raised otherwise
     clipped = metrics.get(CLIPPED)
     if not isinstance(clipped, int) or clipped < 0:
         raise SecAggError(f"metric {CLIPPED!r} is {clipped!r}, expected a count")
-    return masked.astype(np.uint64, copy=False), dict(metrics), num_examples, train_loss
+    return masked, dict(metrics), num_examples, train_loss

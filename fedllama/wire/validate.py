@@ -67,8 +67,12 @@ def validate_reply(content: RecordDict, spec: ReplySpec) -> ValidReply:
             values = arrays[key].numpy()
         except Exception as err:  # a corrupt payload fails inside numpy's loader
             raise ReplyError(f"{key}: payload cannot be decoded ({err})") from None
-        if values.dtype.name not in WIRE_DTYPES or tuple(values.shape) != shape:
-            raise ReplyError(f"{key}: payload is {values.dtype} {values.shape}, not as declared")
+        declared = np.dtype(arrays[key].dtype)  # native byte order
+        if values.dtype != declared or tuple(values.shape) != shape:
+            raise ReplyError(
+                f"{key}: payload is {values.dtype.str} {values.shape}, not the declared "
+                f"{declared.str} {shape}"
+            )
         if not np.isfinite(values).all():
             raise ReplyError(f"{key}: contains NaN or Inf")
         tensors[key] = torch.from_numpy(np.array(values, copy=True))
