@@ -161,20 +161,30 @@ class ServerDp:
             release.distributed = self.plan(server_round, sampled, payload, count_keys)
         return release
 
+    def provisioned(self, sampled: int) -> int:
+        """m: the survivors distributed noise is provisioned for, ⌈(1 − tolerance)·sampled⌉."""
+        return max(1, math.ceil((1 - self.cfg.dp.dropout_tolerance) * sampled - 1e-9))
+
     def plan(
-        self, server_round: int, sampled: int, payload: int, count_keys: frozenset[str]
+        self,
+        server_round: int,
+        sampled: int,
+        payload: int,
+        count_keys: frozenset[str],
+        noise_multiplier: float | None = None,
     ) -> DdgParams:
-        """Distributed noise's parameters for a round of ``sampled`` clients: provisioned for
-        ⌈(1 − dp.dropout_tolerance)·sampled⌉ survivors, a fresh public rotation."""
+        """Distributed noise's parameters for a round of ``sampled`` clients at z (the run's
+        unless given): provisioned for :meth:`provisioned` survivors, a fresh public
+        rotation."""
         dp = self.cfg.dp
-        survivors = max(1, math.ceil((1 - dp.dropout_tolerance) * sampled - 1e-9))
+        z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
         try:
             return plan_round(
-                noise_multiplier=self.noise_multiplier,
+                noise_multiplier=z,
                 clip_norm=self.clip_norm,
                 dim=payload,
                 sampled=max(sampled, 1),
-                survivors=survivors,
+                survivors=self.provisioned(sampled),
                 bits=dp.modulus_bits,
                 seed=rotation_seed(dp.seed, server_round),
                 count_keys=sorted(count_keys),
@@ -191,8 +201,7 @@ class ServerDp:
         sampled = max(2, round(self.sampler.expected(population)))
 
         def event_of(z: float) -> RoundEvent:
-            self.noise_multiplier = z
-            ddg = self.plan(0, sampled, payload, count_keys)
+            ddg = self.plan(0, sampled, payload, count_keys, noise_multiplier=z)
             return round_event(dp, z, population, ddg, ddg.survivors)
 
         self.noise_multiplier = calibrate_noise(dp, self.cfg.server.rounds, population, event_of)
@@ -204,7 +213,7 @@ class ServerDp:
             dp.target_epsilon,
             dp.delta,
             self.cfg.server.rounds,
-            self.plan(0, sampled, payload, count_keys).survivors,
+            self.provisioned(sampled),
             sampled,
             dp.modulus_bits,
         )

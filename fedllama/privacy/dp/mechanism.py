@@ -133,14 +133,17 @@ class Release:
         indicator = encoded.get(UNCLIPPED)
         if indicator is not None and not (indicator.numel() == 1 and abs(float(indicator)) == 0.5):
             raise MergeError(f"{UNCLIPPED} must be ±0.5 (b − 1/2), got {indicator.tolist()}")
-        counts = self.count_keys | {UNCLIPPED}
-        norm = update_norm(encoded, counts)
+        keys = set(payload_keys(encoded, self.count_keys | {UNCLIPPED}))
+        norm = _norm(encoded, keys)
         if norm > self.clip_norm * (1 + CLIP_SLACK):
             raise MergeError(
                 f"the update's norm {norm:.6g} exceeds the round's DP clip norm C = "
                 f"{self.clip_norm:.6g}: the client did not clip it"
             )
-        return clip_update(encoded, counts, self.clip_norm)[0]
+        if norm <= self.clip_norm:
+            return encoded
+        scale = self.clip_norm / norm  # float32 rounding left it a hair above C
+        return {k: v * scale if k in keys else v for k, v in encoded.items()}
 
     def __call__(self, summed: AdapterState) -> AdapterState:
         """The noisy payload, and the expected number of clients in every count key."""
