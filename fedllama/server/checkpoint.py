@@ -16,7 +16,7 @@ Layout of ``output.dir``::
 A round directory, its metrics row included, is written under a temporary name and renamed when
 complete: the round and its row become visible in one step, and a crash never leaves a
 half-written round that resume would trust. ``metrics.jsonl`` is then replaced (atomically) by
-the rows of the round directories; a crash between the two steps is repaired on resume, which
+the new row appended; a crash between the two steps is repaired on resume, which
 rebuilds it from them. A round directory that cannot be read back is set aside
 (``round-NNN.damaged``), named in the log, and the run resumes from the one before.
 """

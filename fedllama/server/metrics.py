@@ -137,8 +137,11 @@ def truncate_rows(out: Path, upto: int) -> None:
 
 
 def append_row(out: Path, row: MetricsRow) -> None:
-    """Add one round's row (replacing a row of the same round), atomically."""
-    write_rows(out, [r for r in read_rows(out) if r.round < row.round] + [row])
+    """Append one round's row: one line, not a rewrite of the file every round. Durability
+    does not rest on it: the row is already in its round directory, and a resumed run rebuilds
+    this file from them (a half-written line is skipped by :func:`read_rows`)."""
+    with (out / METRICS).open("a") as fh:
+        fh.write(_line(row))
 
 
 def weighted_client_eval(clients: list[dict[str, Any]]) -> float | None:
