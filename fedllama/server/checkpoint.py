@@ -15,9 +15,9 @@ Layout of ``output.dir``::
 
 A round directory, its metrics row included, is written under a temporary name and renamed when
 complete: the round and its row become visible in one step, and a crash never leaves a
-half-written round that resume would trust. ``metrics.jsonl`` is then replaced (atomically) by
-the new row appended; a crash between the two steps is repaired on resume, which
-rebuilds it from them. A round directory that cannot be read back is set aside
+half-written round that resume would trust. The row is then appended to ``metrics.jsonl``; a
+crash between the two steps (or within the append) is repaired on resume, which rebuilds the
+file from the round directories. A round directory that cannot be read back is set aside
 (``round-NNN.damaged``), named in the log, and the run resumes from the one before.
 """
 
