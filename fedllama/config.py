@@ -24,6 +24,8 @@ MODEL_NAMES = ("tiny", "smollm2-135m")
 QUANTIZATIONS = ("nf4", "none")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 PARTITIONS = ("institution", "iid", "dirichlet")
+DATA_FIELDS = ("instruction", "input", "response", "messages", "institution")
+"""The fields an example is read from; ``data.columns`` maps them to a file's own column names."""
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
 
@@ -128,7 +130,12 @@ class DataConfig:
     """Where examples come from and how they are split over clients."""
 
     source: str = "demo"
-    """``demo`` (embedded federation) or a local .jsonl/.csv file or a directory of them."""
+    """``demo`` (embedded federation), a local .jsonl/.csv/.parquet file, a directory saved by
+    ``datasets``' ``save_to_disk``, or a directory of those."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Our field (one of ``DATA_FIELDS``) -> the column that holds it in the user's data, e.g.
+    ``{instruction: prompt, response: completion}``. A field not named here is read from the
+    column of its own name (``response`` also from ``output``)."""
     partition: str = "institution"
     """``institution`` (one client per institution), ``iid`` or ``dirichlet``."""
     dirichlet_alpha: float = 0.5
@@ -167,6 +174,26 @@ class DataConfig:
         _require(
             self.max_seq_len >= 16, "data.max_seq_len", f"must be >= 16, got {self.max_seq_len}"
         )
+        self._check_columns()
+
+    def _check_columns(self) -> None:
+        for key, column in self.columns.items():
+            _require(
+                key in DATA_FIELDS,
+                f"data.columns.{key}",
+                f"unknown field; expected one of {', '.join(DATA_FIELDS)}",
+            )
+            _require(bool(column.strip()), f"data.columns.{key}", "must name a column, got ''")
+        by_column: dict[str, list[str]] = {}
+        for key, column in self.columns.items():
+            by_column.setdefault(column, []).append(key)
+        for column, (first, *others) in by_column.items():
+            _require(
+                not others,
+                f"data.columns.{others[0] if others else first}",
+                f"column {column!r} is already mapped to data.columns.{first}; "
+                "each field needs its own column",
+            )
 
 
 @dataclass

@@ -91,7 +91,7 @@ def load_split(cfg: Config, node: NodeSettings) -> data.Split:
                 f"node config data-path={node.data_path!r} does not exist or is not readable"
             )
         return data.split_train_eval(
-            data.read_local(path), cfg.data.eval_fraction, f"node-{cfg.data.seed}"
+            data.read_local(path, cfg.data.columns), cfg.data.eval_fraction, f"node-{cfg.data.seed}"
         )
     if node.partition_id is None:
         raise ClientSetupError(

