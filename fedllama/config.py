@@ -28,6 +28,9 @@ DATA_FIELDS = ("instruction", "input", "response", "messages", "institution")
 """The fields an example is read from; ``data.columns`` maps them to a file's own column names."""
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
+COMBINERS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
+OVER_BOUND = ("clip", "drop")
+FAILED_ROUND = ("retry", "skip", "stop")
 
 
 class ConfigError(ValueError):
@@ -281,6 +284,13 @@ class ServerConfig:
     """> 1: a round whose global adapter evaluates above this factor times the previous
     round's eval loss is rejected (the previous adapter is kept and the run goes on); 0: off.
     A non-finite adapter or eval loss is always rejected."""
+    failed_round: str = "retry"
+    """A round that produces no delta (fewer than ``min_replies`` good replies, secure
+    aggregation aborted, a sum that fails its checks): ``retry`` it without the nodes the
+    failure names, up to ``round_retries`` times, then skip it; ``skip`` it (the global
+    adapter stays, the run goes on); or ``stop`` the run (a resume redoes the round)."""
+    round_retries: int = 1
+    """``failed_round=retry``: attempts after the first before the round is skipped."""
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "server.rounds", f"must be >= 1, got {self.rounds}")
@@ -295,6 +305,12 @@ class ServerConfig:
             f"must be 0 (off) or > 1, got {self.reject_loss_factor}",
         )
         _one_of(self.optimizer, "server.optimizer", SERVER_OPTIMIZERS)
+        _one_of(self.failed_round, "server.failed_round", FAILED_ROUND)
+        _require(
+            self.round_retries >= 0,
+            "server.round_retries",
+            f"must be >= 0, got {self.round_retries}",
+        )
         _require(self.lr > 0, "server.lr", f"must be > 0, got {self.lr}")
         for key in ("momentum", "beta1", "beta2"):
             value = getattr(self, key)
@@ -309,6 +325,59 @@ class ServerConfig:
             self.min_replies >= 1, "server.min_replies", f"must be >= 1, got {self.min_replies}"
         )
         _require(self.timeout_s > 0, "server.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class RobustConfig:
+    """Bounded influence of one client on the plain path (docs/robustness.md)."""
+
+    combiner: str = "mean"
+    """``mean`` (the strategy's own weighted mean), ``median`` (coordinate-wise),
+    ``trimmed_mean``, ``krum`` or ``multi_krum``; all but ``mean`` weigh every client equally
+    and need each client's update (refused with secure aggregation and DP)."""
+    trim: float = 0.1
+    """``trimmed_mean``: β, the share of the values cut at each end of every coordinate."""
+    byzantine: int = 1
+    """``krum`` / ``multi_krum``: f, the Byzantine clients tolerated; a round needs n ≥ 2f + 3."""
+    krum_select: int = 0
+    """``multi_krum``: m, the lowest-scoring updates averaged; 0: n − f."""
+    norm_bound: float = 0.0
+    """> 0: a fixed bound on each update's L2 norm (all of its tensors as one vector)."""
+    norm_bound_median: float = 0.0
+    """> 0: bound each update's norm by this factor times the median norm of the round's
+    updates (at least 1); with ``norm_bound`` too, the smaller bound applies."""
+    over_bound: str = "clip"
+    """What happens to an update over the bound: ``clip`` (scaled down to it) or ``drop``."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.combiner, "robust.combiner", COMBINERS)
+        _one_of(self.over_bound, "robust.over_bound", OVER_BOUND)
+        _require(0.0 <= self.trim < 0.5, "robust.trim", f"must be in [0, 0.5), got {self.trim}")
+        _require(self.byzantine >= 0, "robust.byzantine", f"must be >= 0, got {self.byzantine}")
+        _require(
+            self.krum_select >= 0, "robust.krum_select", f"must be >= 0, got {self.krum_select}"
+        )
+        _require(
+            self.norm_bound >= 0,
+            "robust.norm_bound",
+            f"must be >= 0 (0: off), got {self.norm_bound}",
+        )
+        _require(
+            self.norm_bound_median == 0 or self.norm_bound_median >= 1,
+            "robust.norm_bound_median",
+            f"must be 0 (off) or >= 1 (a multiple of the median norm), got "
+            f"{self.norm_bound_median}",
+        )
+
+    @property
+    def bounded(self) -> bool:
+        """Whether updates' norms are bounded."""
+        return self.norm_bound > 0 or self.norm_bound_median > 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the server looks at each update (a bound or a robust combiner)."""
+        return self.bounded or self.combiner != "mean"
 
 
 @dataclass
@@ -539,6 +608,7 @@ class Config:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     dp: DpConfig = field(default_factory=DpConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
@@ -557,6 +627,8 @@ class Config:
         )
         if self.dp.enabled:
             self._check_dp()
+        if self.robust.enabled:
+            self._check_robust()
         if self.secagg.enabled:
             _require(
                 self.simulation.num_clients >= 2,
@@ -570,6 +642,42 @@ class Config:
                 f"is {self.secagg.quantization_bits}: the 64-bit sum holds at most "
                 f"{self.secagg.max_clients} clients, simulation.num_clients is "
                 f"{self.simulation.num_clients}",
+            )
+
+    def _check_robust(self) -> None:
+        key = "robust.combiner" if self.robust.combiner != "mean" else "robust.norm_bound"
+        what = (
+            f"robust.combiner={self.robust.combiner}"
+            if self.robust.combiner != "mean"
+            else "a norm bound on each update"
+        )
+        if self.secagg.enabled:
+            individual = (
+                f"robust.combiner={self.robust.combiner}"
+                if self.robust.combiner != "mean"
+                else "robust.norm_bound_median (a bound from the round's median norm)"
+            )
+            _require(
+                self.robust.combiner == "mean" and self.robust.norm_bound_median == 0,
+                "robust.combiner" if self.robust.combiner != "mean" else "robust.norm_bound_median",
+                f"{individual} needs each client's update, and secure aggregation shows the "
+                "server only their sum; use robust.norm_bound (clients clip to it, the server "
+                "checks the sum: docs/robustness.md)",
+            )
+        _require(
+            not self.dp.enabled,
+            key,
+            f"{what} is not used with dp.enabled: DP's clipping (dp.clip_norm) already bounds "
+            "every update, and its noise is calibrated to a sum of clipped updates, not to "
+            "a robust statistic",
+        )
+        if self.robust.combiner in ("krum", "multi_krum"):
+            need = 2 * self.robust.byzantine + 3
+            _require(
+                self.simulation.num_clients >= need,
+                "robust.byzantine",
+                f"is {self.robust.byzantine}: Krum needs n >= 2f + 3 = {need} clients per "
+                f"round, simulation.num_clients is {self.simulation.num_clients}",
             )
 
     def _check_dp(self) -> None:

@@ -57,6 +57,19 @@ def check(cfg: Config) -> None:
             f"dp.enabled: strategy {strategy.name} cannot be made differentially private: "
             f"{strategy.dp_refusal}; use one of {', '.join(able)}"
         )
+    if cfg.robust.combiner != "mean" and strategy.robust_refusal:
+        able = [n for n, b in sorted(strategies.REGISTRY.items()) if not b(cfg).robust_refusal]
+        raise config_lib.ConfigError(
+            f"robust.combiner: {cfg.robust.combiner} cannot stand in for strategy "
+            f"{strategy.name}'s merge: {strategy.robust_refusal}; use one of {', '.join(able)}"
+        )
+    if cfg.robust.bounded and strategy.dp_refusal:
+        able = [n for n, b in sorted(strategies.REGISTRY.items()) if not b(cfg).dp_refusal]
+        raise config_lib.ConfigError(
+            f"robust.norm_bound: strategy {strategy.name}'s encoding is not its weight times "
+            f"the client's update, so the server cannot bound the update's norm: "
+            f"{strategy.dp_refusal}; use one of {', '.join(able)}"
+        )
     if strategy.residual and (cfg.server.optimizer != "sgd" or cfg.server.lr != 1.0):
         raise config_lib.ConfigError(
             f"server.optimizer: strategy {strategy.name} is exact (each round's merged update is "

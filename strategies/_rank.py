@@ -62,6 +62,7 @@ class SlotAveraged:
     residual: ClassVar[bool] = False
     count_keys: ClassVar[frozenset[str]] = frozenset({SLOT_WEIGHT})
     dp_refusal: ClassVar[str] = ""
+    robust_refusal: ClassVar[str] = ""
 
     def __init__(self, cfg: Config) -> None:
         self.global_rank = cfg.lora.r
@@ -127,6 +128,10 @@ class SendsFactors(SlotAveraged):
     dp_refusal: ClassVar[str] = (
         "it is a trusted-server rule: it merges each client's factors non-linearly, while "
         "DP-FedAvg's sensitivity bound holds for a sum of clipped updates"
+    )
+    robust_refusal: ClassVar[str] = (
+        "it is a trusted-server rule that merges each client's trained factors non-linearly; "
+        "a coordinate-wise statistic of them is not the rule's merge"
     )
 
     def encode(

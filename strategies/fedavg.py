@@ -26,6 +26,7 @@ class FedAvg:
     residual: ClassVar[bool] = False
     count_keys: ClassVar[frozenset[str]] = frozenset({WEIGHT_KEY})
     dp_refusal: ClassVar[str] = ""
+    robust_refusal: ClassVar[str] = ""
 
     def __init__(self, cfg: Config | None = None) -> None:
         """FedAvg has no settings."""

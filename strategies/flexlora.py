@@ -38,6 +38,10 @@ class FlexLoRA(SlotAveraged):
     """Σ_k p_k B_k A_k, SVD, truncate to each client's rank."""
 
     name: ClassVar[str] = "flexlora"
+    robust_refusal: ClassVar[str] = (
+        "it factorises the weighted mean of the clients' products B_k A_k with their views; a "
+        "coordinate-wise statistic of the product updates would not match the views' weights"
+    )
 
     def encode(
         self, delta: AdapterState, weight: float, view: AdapterState | None = None

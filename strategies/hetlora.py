@@ -34,6 +34,10 @@ class HetLoRA(SlotAveraged):
         "it weighs each client's update by the norms of its trained factors, which depend on "
         "its data; under DP every client must weigh the same"
     )
+    robust_refusal: ClassVar[str] = (
+        "it weighs each module by the norm of the client's trained factors, which a robust "
+        "statistic (every client weighing the same) would discard"
+    )
 
     def encode(
         self, delta: AdapterState, weight: float, view: AdapterState | None = None

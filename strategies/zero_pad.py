@@ -26,6 +26,11 @@ class ZeroPad(SlotAveraged):
 
     name: ClassVar[str] = "zero_pad"
     count_keys: ClassVar[frozenset[str]] = frozenset({WEIGHT_KEY, SLOT_WEIGHT})
+    robust_refusal: ClassVar[str] = (
+        "zero-padding counts a client that does not own a rank slot as a vote for zero there; "
+        "a robust statistic over the owners (use rank_aware) or over implied zeros is not "
+        "HetLoRA's baseline"
+    )
 
     def encode(
         self, delta: AdapterState, weight: float, view: AdapterState | None = None

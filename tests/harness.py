@@ -55,11 +55,15 @@ def logged(name: str = "fedllama", level: int = logging.WARNING) -> Iterator[lis
     handler = logging.Handler(level)
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
     logger = logging.getLogger(name)
+    before = logger.level
+    if logger.getEffectiveLevel() > level:  # INFO lines are filtered by the root's WARNING
+        logger.setLevel(level)
     logger.addHandler(handler)
     try:
         yield lines
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(before)
 
 
 # --------------------------------------------------------------------------- in-process grid

@@ -567,7 +567,9 @@ def test_the_server_holds_every_plain_reply_to_c_whatever_the_client_sent(
         rows = run(InProcessGrid(4, unclipped), cfg)
 
     assert rows[-1]["clients_ok"] == 3 and rows[-1]["clients_dropped"] == 1
-    expected = "dropped node 102: the update's norm 5 exceeds the round's DP clip norm C = 0.05"
+    expected = (
+        "dropped node 102 (client 2): the update's norm 5 exceeds the round's DP clip norm C = 0.05"
+    )
     assert any(expected in line for line in lines)
 
 

@@ -33,7 +33,7 @@ from fedllama.privacy.dp.distributed import (
 )
 from fedllama.privacy.secagg import aggregate_locally
 from fedllama.server.metrics import read_rows
-from tests.harness import TINY_YAML, InProcessGrid, run, tiny_config
+from tests.harness import TINY_YAML, InProcessGrid, logged, run, tiny_config
 
 ON = SecAggConfig(enabled=True)
 
@@ -356,7 +356,7 @@ def test_distributed_rounds_add_no_server_noise_and_account_the_summed_clients(
     assert "against the server, no amplification" in summary
 
 
-def test_a_round_whose_noise_would_fall_short_is_not_unmasked(
+def test_a_round_whose_noise_would_fall_short_is_not_unmasked_but_retried_without_the_gap(
     cache_dir: Path, tmp_path: Path
 ) -> None:
     from fedllama.server.aggregate import RoundFailed
@@ -383,7 +383,17 @@ def test_a_round_whose_noise_would_fall_short_is_not_unmasked(
         "output.plot=false",
     )
     with pytest.raises(RoundFailed, match="fewer than the 4 the clients' distributed noise"):
-        run(InProcessGrid(4, vanish), cfg)
+        run(InProcessGrid(4, vanish), replace(cfg, server=replace(cfg.server, failed_round="stop")))
+
+    # retried (the default) without the node that vanished: 3 provisioned, 3 summed, released
+    with logged() as lines:
+        rows = run(
+            InProcessGrid(4, vanish),
+            replace(cfg, output=replace(cfg.output, dir=str(tmp_path / "retry"))),
+        )
+    assert rows[-1]["clients_ok"] == 3 and "skipped" not in rows[-1]
+    assert rows[-1]["dp"]["distributed"]["survivors"] == 3
+    assert any("retrying without nodes" in line for line in lines)
 
 
 def test_a_target_epsilon_calibrates_distributed_noise_in_the_first_round(

@@ -97,19 +97,41 @@ def test_bad_reply_is_dropped_and_round_goes_on(cache_dir: Path, tmp_path: Path,
         rows = _run(InProcessGrid(3, _poison), cfg)
 
     assert rows[-1]["clients_ok"] == 2 and rows[-1]["clients_dropped"] == 1
-    assert "dropped node 101" in caplog.text and "NaN" in caplog.text
+    assert "dropped node 101 (client 1)" in caplog.text and "NaN" in caplog.text
+    (dropped,) = rows[-1]["dropped"]  # named by the client id its reply carried
+    assert dropped["node"] == 101 and dropped["client-id"] == 1 and "NaN" in dropped["reason"]
 
 
-def test_too_few_good_replies_fail_the_round_and_keep_the_adapter(
+def test_too_few_good_replies_retry_then_skip_the_round_keeping_the_adapter(
     cache_dir: Path, tmp_path: Path
 ) -> None:
+    from tests.harness import logged
+
     out = tmp_path / "run"
-    cfg = tiny_config(cache_dir, out, "server.rounds=1", "server.min_replies=3")
+    cfg = tiny_config(cache_dir, out, "server.rounds=2", "server.min_replies=3")
 
+    with logged() as lines:
+        rows = _run(InProcessGrid(3, _poison), cfg)
+
+    assert [r["round"] for r in rows] == [0, 1, 2]  # the run went on
+    assert all("2 good replies" in r["skipped"] for r in rows[1:])
+    retried = [line for line in lines if "retrying without nodes [101]" in line]
+    assert len(retried) == 2  # once per round, without the node that sent NaN
+    kept = checkpoint.recover(out)
+    assert kept is not None and kept.server_round == 2
+    initial = checkpoint.load_global(out, 0)[0]
+    assert all(torch.equal(kept.global_state[k], v) for k, v in initial.items())
+
+    stop = tiny_config(
+        cache_dir,
+        tmp_path / "stop",
+        "server.rounds=1",
+        "server.min_replies=3",
+        "server.failed_round=stop",
+    )
     with pytest.raises(RoundFailed, match="2 good replies .*server.min_replies=3"):
-        _run(InProcessGrid(3, _poison), cfg)
-
-    assert checkpoint.last_round(out) == 0
+        _run(InProcessGrid(3, _poison), stop)
+    assert checkpoint.last_round(tmp_path / "stop") == 0
 
 
 def test_round_directory_loads_with_peft(cache_dir: Path, tmp_path: Path) -> None:

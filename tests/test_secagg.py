@@ -581,8 +581,8 @@ def test_dropout_after_masking_is_unmasked_and_still_counted(
     with caplog.at_level("WARNING", logger="fedllama"):
         rows = _run(InProcessGrid(3, vanish_at_unmask), cfg)
 
-    assert "secagg unmask: dropped node 101: no reply" in caplog.text
-    assert rows[-1]["clients_ok"] == 3
+    assert "secagg unmask: dropped node 101 (client 1): no reply" in caplog.text
+    assert rows[-1]["clients_ok"] == 3 and rows[-1]["dropped"] == []  # its vector is summed
     assert rows[-1]["secagg"]["stages"]["unmask"]["dropped"] == 1
     plain, _ = adapters.load_adapter(plain_and_secure["plain"]["dir"] / "round-001")
     secure, _ = adapters.load_adapter(tmp_path / "run" / "round-001")
@@ -609,6 +609,9 @@ def test_corrupted_share_drops_its_recipient_and_the_rest_aggregate(
     assert "secagg mask: dropped node 102: error reply" in caplog.text
     assert "ciphertext from node 100 does not authenticate" in caplog.text
     assert rows[-1]["clients_ok"] == 2 and rows[-1]["secagg"]["unmasked_dropouts"] == 1
+    (dropped,) = rows[-1]["dropped"]  # no client id yet: node 102 never sent a good reply
+    assert dropped["node"] == 102 and dropped["stage"] == "mask" and "client-id" not in dropped
+    assert dropped["reason"].startswith("error reply")
     # expected: the plain rule over clients 0 and 1 only, from their recorded plain encodings
     merge = strategies.build(tiny_config(cache_dir, tmp_path / "x", *MIXED))
     round0, _ = checkpoint.load_global(plain_and_secure["plain"]["dir"], 0)
@@ -622,7 +625,7 @@ def test_corrupted_share_drops_its_recipient_and_the_rest_aggregate(
         torch.testing.assert_close(secure[key], round0[key] + delta[key], rtol=0, atol=1e-6)
 
 
-def test_too_few_clients_left_fail_the_round_and_keep_the_adapter(
+def test_too_few_clients_left_skip_the_round_and_keep_the_adapter(
     cache_dir: Path, tmp_path: Path
 ) -> None:
     def two_vanish_at_setup(pid: int, reply: Message) -> Message | None:
@@ -631,11 +634,20 @@ def test_too_few_clients_left_fail_the_round_and_keep_the_adapter(
     out = tmp_path / "run"
     cfg = tiny_config(cache_dir, out, *MIXED, "secagg.enabled=true", "secagg.timeout_s=1")
 
-    with pytest.raises(
-        RoundFailed, match="secure aggregation failed: 0 clients left after the share stage"
-    ):
-        _run(InProcessGrid(3, two_vanish_at_setup), cfg)
-    assert checkpoint.last_round(out) == 0
+    rows = _run(InProcessGrid(3, two_vanish_at_setup), cfg)
+
+    first, retry = rows[-1]["skipped"].split(" | ")
+    assert "secure aggregation failed: 0 clients left after the share stage" in first
+    assert "retry 1:" in retry and "at least 2 clients in a round, got 0" in retry
+    round0, _ = checkpoint.load_global(out, 0)
+    kept, _ = checkpoint.load_global(out, 1)
+    assert all(torch.equal(kept[k], v) for k, v in round0.items())
+    with pytest.raises(RoundFailed, match="0 clients left after the share stage"):
+        stop = ("secagg.enabled=true", "secagg.timeout_s=1", "server.failed_round=stop")
+        _run(
+            InProcessGrid(3, two_vanish_at_setup),
+            tiny_config(cache_dir, tmp_path / "s", *MIXED, *stop),
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from fedllama import data, model
 from fedllama.config import Config
-from fedllama.merge import AdapterState, MergeStrategy, frozen_key
+from fedllama.merge import AdapterState, MergeStrategy, frozen_key, robust
 from fedllama.model import adapters, train
 from fedllama.privacy.dp import privatize
 
@@ -96,12 +96,29 @@ def run_round(
         batch = cfg.train.eval_batch_size
         metrics["client-eval-loss"] = train.evaluate(lora_model, eval_set, batch, pad_id)
     if not cfg.dp.enabled:
-        return RoundOutput(merge.encode(delta, float(result.num_examples), view), metrics)
+        weight = float(result.num_examples)
+        encoded = merge.encode(delta, weight, view)
+        if cfg.secagg.enabled and cfg.robust.norm_bound > 0:  # the server checks only the sum
+            encoded = bound_own_update(encoded, merge.count_keys, weight, cfg.robust.norm_bound)
+        return RoundOutput(encoded, metrics)
     # DP-FedAvg: every client weighs 1, clips its update (and adds noise when it is local)
     encoded = merge.encode(delta, 1.0, view)
     return RoundOutput(
         privatize(encoded, merge.count_keys, cfg.dp, server_round, client_id), metrics
     )
+
+
+def bound_own_update(
+    encoded: AdapterState, count_keys: frozenset[str], weight: float, bound: float
+) -> AdapterState:
+    """Under secure aggregation with ``robust.norm_bound``: an honest client clips its own
+    update (encoding / weight) to the bound, since the server sees only the sum (whose norm it
+    checks against what clipped clients can produce)."""
+    norm = robust.update_norm(encoded, count_keys, weight)
+    if norm <= bound:
+        return encoded
+    log.info("update norm %.4g clipped to robust.norm_bound=%g", norm, bound)
+    return robust.scale_update(encoded, count_keys, bound / norm)
 
 
 def _train(

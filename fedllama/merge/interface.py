@@ -48,7 +48,12 @@ class MergeStrategy(Protocol):
     clients weigh 1, clip the other keys as one vector, and the server releases these as the
     expected number of clients (``fedllama.privacy.dp``)."""
     dp_refusal: ClassVar[str]
-    """Why client-level DP cannot protect this rule; empty when it can."""
+    """Why client-level DP cannot protect this rule; empty when it can. Empty also means that
+    an encoding is its weight times the client's update plus count keys, which is what the
+    server's norm bound (``robust.norm_bound``) needs too."""
+    robust_refusal: ClassVar[str]
+    """Why a robust combiner (``robust.combiner``: median, trimmed mean, Krum) cannot stand in
+    for this rule's mean; empty when it can (``fedllama.merge.robust``)."""
 
     def frozen(self, server_round: int) -> frozenset[str]:
         """LoRA factors (``"lora_A"``, ``"lora_B"``) clients keep fixed in ``server_round``.

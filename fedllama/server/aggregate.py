@@ -4,8 +4,9 @@ The aggregator is chosen once per run (:func:`build_aggregator`) and the round l
 through one method, :meth:`Aggregator.aggregate`, whatever computes the sum:
 
 * :class:`PlainAggregator` streams the replies, validates each one and hands the good ones to a
-  :class:`Combiner`: the running sum (:class:`SumCombiner`, summable strategies) or the
-  trusted per-client collection (:class:`CollectCombiner`, rules that need each encoding);
+  :class:`Combiner`: the running sum (:class:`SumCombiner`, summable strategies), the
+  trusted per-client collection (:class:`CollectCombiner`, rules that need each encoding), or,
+  with ``robust.*`` set, :class:`BoundedCombiner` (norm bounds, robust combiners);
 * :class:`fedllama.server.secure.SecureAggregator` runs SecAgg+, so the server only ever holds
   the masked sum, and decodes it with the same ``merge.decode``.
 
@@ -13,8 +14,7 @@ Every path counts replies with the same tally (:meth:`RoundRecord.accept` and
 :meth:`RoundRecord.drop`), so a round's metrics row is built in one place, and every summable
 path decodes through :meth:`RoundPlan.decode`, where differential privacy's release (central
 noise, fixed denominator) sits. Where other mechanisms plug in (``docs/architecture.md``): a
-robust combiner is another :class:`Combiner`; a wire codec decodes inside
-:func:`fedllama.wire.validate.validate_reply`.
+wire codec decodes inside :func:`fedllama.wire.validate.validate_reply`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
-from fedllama.config import Config
+from fedllama.config import Config, RobustConfig
 from fedllama.merge import (
     AdapterState,
     MergeError,
@@ -34,9 +34,10 @@ from fedllama.merge import (
     SumAccumulator,
     TrustedMergeStrategy,
 )
+from fedllama.merge import robust as robust_rules
 from fedllama.privacy.dp import Release
 from fedllama.server.replies import stream_replies
-from fedllama.wire.records import ARRAYS, record_bytes
+from fedllama.wire.records import ARRAYS, CLIENT_ID, METRICS, record_bytes
 from fedllama.wire.validate import (
     ReplyError,
     ReplySpec,
@@ -46,7 +47,7 @@ from fedllama.wire.validate import (
 )
 
 if TYPE_CHECKING:
-    from flwr.app import Message
+    from flwr.app import Message, RecordDict
     from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,16 @@ log = logging.getLogger(__name__)
 
 class RoundFailed(RuntimeError):
     """A round produced no delta (too few good replies, or secure aggregation could not finish);
-    the global adapter stays as it was after the previous round."""
+    the global adapter stays as it was after the previous round.
+
+    Args:
+        message: what failed.
+        suspects: nodes the failure points at (left out when the round is retried).
+    """
+
+    def __init__(self, message: str, suspects: frozenset[int] = frozenset()) -> None:
+        super().__init__(message)
+        self.suspects = suspects
 
 
 OnReply = Callable[[dict[str, Any]], None]
@@ -78,6 +88,10 @@ class RoundPlan:
     fixed denominator). A round in which no client was counted then releases noise alone."""
     max_examples: int = 0
     """``server.max_examples``: a reply declaring more is dropped (0: no cap)."""
+    robust: RobustConfig | None = None
+    """A norm bound or a robust combiner (``robust.*``), when the run sets one."""
+    names: dict[int, int] = field(default_factory=dict)
+    """Node -> the client id its replies carry (kept across rounds), to name it in logs."""
 
     def expected_weight(self, num_examples: float) -> float:
         """The weight a reply's encoding must carry: its examples, or 1 under DP."""
@@ -115,8 +129,18 @@ class RoundRecord:
     noise_only: bool = False
     """Under DP, the round asked no client (too few sampled to aggregate securely) and
     released noise alone."""
+    robust: dict[str, Any] | None = None
+    """With ``robust.*``: the round's bound and the clients clipped, dropped or left out."""
     examples: float = 0.0
     weighted_loss: float = 0.0
+    dropped_nodes: list[int] = field(default_factory=list)
+    """The nodes :meth:`drop` left out (a retried round goes on without them)."""
+    dropped_clients: list[dict[str, Any]] = field(default_factory=list)
+    """Each drop: ``node``, ``client-id`` when known, ``reason`` (and ``stage`` under SecAgg+)."""
+    names: dict[int, int] = field(default_factory=dict)
+    """Node -> client id (:attr:`RoundPlan.names`)."""
+    counted: dict[int, tuple[float, float, int]] = field(default_factory=dict)
+    """Each counted node's (examples, train loss, bytes up), for :meth:`retract`."""
 
     @property
     def train_loss(self) -> float:
@@ -137,15 +161,54 @@ class RoundRecord:
         self.examples += num_examples
         self.weighted_loss += num_examples * train_loss
         self.bytes_up += bytes_up
+        self.counted[node] = (num_examples, train_loss, bytes_up)
         summary = {"node": node, **metrics}
         self.clients.append(summary)
         if on_reply is not None:
             on_reply(summary)
 
+    def label(self, node: int) -> str:
+        """``node N (client C)``, or ``node N`` while its client id is unknown."""
+        return label(node, self.names)
+
     def drop(self, node: int, reason: str) -> None:
         """Leave one client's reply out, with a log line naming the node and the reason."""
-        log.warning("round %d: dropped node %d: %s", self.server_round, node, reason)
+        log.warning("round %d: dropped %s: %s", self.server_round, self.label(node), reason)
         self.dropped += 1
+        self.dropped_nodes.append(node)
+        self.dropped_clients.append(dropped_entry(node, self.names, reason))
+
+    def retract(self, node: int, reason: str) -> None:
+        """Drop a reply counted earlier (a combiner that judges the round's replies together
+        found it out of bounds): undo its tally, then :meth:`drop` it."""
+        examples, loss, nbytes = self.counted.pop(node)
+        self.ok -= 1
+        self.examples -= examples
+        self.weighted_loss -= examples * loss
+        self.bytes_up -= nbytes
+        self.clients = [c for c in self.clients if c["node"] != node]
+        self.drop(node, reason)
+
+
+def label(node: int, names: dict[int, int]) -> str:
+    """How logs name a node: ``node N (client C)`` once its client id is known."""
+    return f"node {node}" if node not in names else f"node {node} (client {names[node]})"
+
+
+def dropped_entry(node: int, names: dict[int, int], reason: str, **more: str) -> dict[str, Any]:
+    """A metrics row's record of one dropped client."""
+    entry: dict[str, Any] = {"node": node}
+    if node in names:
+        entry["client-id"] = names[node]
+    return {**entry, **more, "reason": reason}
+
+
+def learn_name(node: int, content: RecordDict, names: dict[int, int]) -> None:
+    """Remember the client id a reply's metrics carry (a label only: nothing trusts it)."""
+    metrics = content.metric_records.get(METRICS)
+    value = metrics.get(CLIENT_ID) if metrics is not None else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        names[node] = value
 
 
 class Aggregator(Protocol):
@@ -159,12 +222,21 @@ class Aggregator(Protocol):
 class Combiner(Protocol):
     """Merges the validated encodings of a round into the aggregated delta."""
 
-    def add(self, encoded: AdapterState) -> None:
-        """Take one client's encoding (raises MergeError if it cannot be merged)."""
+    rejected: list[tuple[int, str]]
+    """Replies taken by :meth:`add` that :meth:`result` left out, with the reason."""
+
+    def add(self, encoded: AdapterState, node: int, weight: float) -> None:
+        """Take one client's encoding and its weight (the one its count keys carry). Raises
+        MergeError if it cannot be merged, ReplyError if it is refused on its own."""
         ...
 
     def result(self) -> AdapterState:
         """The aggregated delta for every key of the round's global state."""
+        ...
+
+    def summary(self) -> dict[str, Any] | None:
+        """What the combiner did to the round's updates, for its metrics row (None: nothing
+        worth a row's field)."""
         ...
 
 
@@ -175,10 +247,15 @@ class SumCombiner:
     def __init__(self, plan: RoundPlan) -> None:
         self.plan = plan
         self.acc = SumAccumulator()
+        self.rejected: list[tuple[int, str]] = []
 
-    def add(self, encoded: AdapterState) -> None:
+    def add(self, encoded: AdapterState, node: int = 0, weight: float = 1.0) -> None:
         """Add to the running sum."""
         self.acc.add(encoded)
+
+    def summary(self) -> dict[str, Any] | None:
+        """Nothing beyond the tally."""
+        return None
 
     def result(self) -> AdapterState:
         """The decoded sum."""
@@ -192,8 +269,9 @@ class CollectCombiner:
         self.plan = plan
         self.merge = cast(TrustedMergeStrategy, plan.merge)
         self.held: list[AdapterState] = []
+        self.rejected: list[tuple[int, str]] = []
 
-    def add(self, encoded: AdapterState) -> None:
+    def add(self, encoded: AdapterState, node: int = 0, weight: float = 1.0) -> None:
         """Hold the encoding."""
         self.held.append(encoded)
 
@@ -201,9 +279,139 @@ class CollectCombiner:
         """``merge.aggregate`` of the held encodings."""
         return self.merge.aggregate(self.held, self.plan.global_state, self.plan.server_round)
 
+    def summary(self) -> dict[str, Any] | None:
+        """Nothing beyond the tally."""
+        return None
+
+
+class BoundedCombiner:
+    """Bounded influence (``robust.*``, :mod:`fedllama.merge.robust`): each update's norm
+    bounded, then the strategy's weighted mean (the norm-bounded mean) or a robust combiner.
+
+    A fixed bound with the mean clips or drops each reply as it arrives, into a running sum
+    (memory flat in the number of clients); a bound derived from the round's median norm, or
+    a robust combiner, needs every update of the round and holds them (n adapters).
+    """
+
+    def __init__(self, plan: RoundPlan, cfg: RobustConfig) -> None:
+        self.plan = plan
+        self.cfg = cfg
+        self.count_keys = plan.merge.count_keys
+        self.streaming = cfg.combiner == "mean" and cfg.norm_bound_median == 0
+        self.acc = SumAccumulator()
+        self.held: list[tuple[int, float, AdapterState]] = []
+        self.rejected: list[tuple[int, str]] = []
+        self.clipped: dict[int, float] = {}
+        """Node -> its update's norm before it was clipped to the bound."""
+        self.left_out: list[int] = []
+        self.bound = cfg.norm_bound if cfg.norm_bound > 0 else float("inf")
+
+    def _bounded(self, encoded: AdapterState, node: int, weight: float) -> AdapterState | None:
+        """The encoding within the round's bound (clipped), or None when it is dropped."""
+        norm = robust_rules.update_norm(encoded, self.count_keys, weight)
+        if not norm > self.bound:
+            return encoded
+        if self.cfg.over_bound == "drop":
+            self.rejected.append(
+                (node, f"update norm {norm:.4g} over the bound {self.bound:.4g} ({self._rule()})")
+            )
+            return None
+        self.clipped[node] = norm
+        log.info(
+            "round %d: clipped node %d's update from norm %.4g to the bound %.4g",
+            self.plan.server_round,
+            node,
+            norm,
+            self.bound,
+        )
+        return robust_rules.scale_update(encoded, self.count_keys, self.bound / norm)
+
+    def _rule(self) -> str:
+        parts = []
+        if self.cfg.norm_bound > 0:
+            parts.append(f"robust.norm_bound={self.cfg.norm_bound:g}")
+        if self.cfg.norm_bound_median > 0:
+            parts.append(f"robust.norm_bound_median={self.cfg.norm_bound_median:g} x median")
+        return ", ".join(parts)
+
+    def add(self, encoded: AdapterState, node: int, weight: float) -> None:
+        """Stream (fixed bound, mean: clipped now, a drop raised now) or hold."""
+        if not self.streaming:
+            self.held.append((node, weight, encoded))
+            return
+        bounded = self._bounded(encoded, node, weight)
+        if bounded is None:
+            raise ReplyError(self.rejected.pop()[1])
+        self.acc.add(bounded)
+
+    def result(self) -> AdapterState:
+        """The bounded mean, or the robust combiner's estimate, decoded by the strategy.
+
+        Raises:
+            MergeError: every update was dropped, or too few are left for Krum.
+        """
+        if not self.streaming:
+            norms = [robust_rules.update_norm(e, self.count_keys, w) for _, w, e in self.held]
+            self.bound = robust_rules.bound_of(
+                norms, self.cfg.norm_bound, self.cfg.norm_bound_median
+            )
+            kept = []
+            for node, weight, encoded in self.held:
+                bounded = self._bounded(encoded, node, weight)
+                if bounded is not None:
+                    kept.append((node, weight, bounded))
+            if self.cfg.combiner != "mean":
+                return self._robust(kept)
+            for _, _, encoded in kept:
+                self.acc.add(encoded)
+        if not self.acc.count:
+            raise MergeError("no update is left within the bound")
+        return self.plan.decode(self.acc.total)
+
+    def _robust(self, kept: list[tuple[int, float, AdapterState]]) -> AdapterState:
+        if not kept:
+            raise MergeError("no update is left within the bound")
+        updates, counts = [], []
+        for _, weight, encoded in kept:
+            payload, count = robust_rules.split_counts(encoded, self.count_keys)
+            updates.append({k: v / weight for k, v in payload.items()})
+            counts.append({k: v / weight for k, v in count.items()})
+        cfg = self.cfg
+        estimate, left_out = robust_rules.combine(
+            updates,
+            counts,
+            cfg.combiner,
+            trim=cfg.trim,
+            byzantine=cfg.byzantine,
+            krum_select=cfg.krum_select,
+        )
+        self.left_out = [kept[i][0] for i in left_out]
+        if self.left_out:
+            log.info(
+                "round %d: %s left out nodes %s",
+                self.plan.server_round,
+                cfg.combiner,
+                ", ".join(map(str, self.left_out)),
+            )
+        return self.plan.decode(estimate)
+
+    def summary(self) -> dict[str, Any]:
+        """The round's bound, and who was clipped (with the norm before), dropped, left out."""
+        return {
+            "combiner": self.cfg.combiner,
+            "bound": self.bound if self.bound != float("inf") else None,
+            "over_bound": self.cfg.over_bound,
+            "clipped": {str(n): norm for n, norm in self.clipped.items()},
+            "dropped": [n for n, _ in self.rejected],
+            "left_out": self.left_out,
+        }
+
 
 def combiner_for(plan: RoundPlan) -> Combiner:
-    """The running sum for a summable strategy, the collection otherwise."""
+    """The bounded combiner with ``robust.*``; else the running sum for a summable strategy,
+    the collection otherwise."""
+    if plan.robust is not None and plan.robust.enabled:
+        return BoundedCombiner(plan, plan.robust)
     return SumCombiner(plan) if plan.merge.summable else CollectCombiner(plan)
 
 
@@ -211,11 +419,17 @@ def collect(plan: RoundPlan, replies: Iterable[Message], record: RoundRecord) ->
     """Validate and combine replies one by one, as they arrive; set ``record.delta``.
 
     A reply that is an error, fails validation or cannot be merged is dropped (logged with the
-    node and the reason); the others are counted and combined.
+    node and the reason); the others are counted and combined. A bounded combiner may drop
+    counted replies once it has seen the round's (their tally is retracted).
+
+    Raises:
+        RoundFailed: the combiner could not produce a delta from the counted replies.
     """
     combiner = combiner_for(plan)
     for reply in replies:
         node = reply.metadata.src_node_id
+        if not reply.has_error():
+            learn_name(node, reply.content, plan.names)
         if reply.has_error():
             record.drop(node, f"error reply: {reply.error.reason}")
             continue
@@ -227,7 +441,7 @@ def collect(plan: RoundPlan, replies: Iterable[Message], record: RoundRecord) ->
             encoded = valid.encoded
             if plan.release is not None:  # DP: the bound must hold whatever the client sent
                 encoded = plan.release.admit(encoded)
-            combiner.add(encoded)
+            combiner.add(encoded, node, expected)
         except (ReplyError, MergeError) as err:
             record.drop(node, str(err))
             continue
@@ -236,7 +450,13 @@ def collect(plan: RoundPlan, replies: Iterable[Message], record: RoundRecord) ->
             node, valid.num_examples, valid.train_loss, valid.metrics, nbytes, plan.on_reply
         )
     if record.ok or plan.release is not None:
-        record.delta = combiner.result()
+        try:
+            record.delta = combiner.result()
+        except MergeError as err:  # e.g. every update over the bound, too few for Krum
+            raise RoundFailed(f"round {plan.server_round}: {err}") from None
+        for node, reason in combiner.rejected:
+            record.retract(node, reason)
+        record.robust = combiner.summary()
     return record
 
 
@@ -253,7 +473,7 @@ class PlainAggregator:
     def aggregate(self, grid: Grid, plan: RoundPlan) -> RoundRecord:
         """Send the train messages and combine the replies as they stream in."""
         down = sum(record_bytes(m.content.array_records[ARRAYS]) for m in plan.messages)
-        record = RoundRecord(server_round=plan.server_round, bytes_down=down)
+        record = RoundRecord(server_round=plan.server_round, bytes_down=down, names=plan.names)
         return collect(plan, stream_replies(grid, plan.messages, self.timeout), record)
 
 

@@ -115,14 +115,15 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[MetricsRow
     """Run (or resume) ``server.rounds`` rounds; return the metrics rows.
 
     Raises:
-        RoundFailed: a round got fewer than ``server.min_replies`` good replies, or secure
-            aggregation could not finish; the global adapter stays at the previous round.
+        RoundFailed: with ``server.failed_round=stop``, a round got fewer than
+            ``server.min_replies`` good replies, or secure aggregation could not finish; the
+            global adapter stays at the previous round.
     """
     run = ServerRun.start(cfg, merge)
     global_state, done = bootstrap_or_resume(run)
     for server_round in range(done + 1, cfg.server.rounds + 1):
         try:
-            global_state = one_round(run, grid, global_state, server_round)
+            global_state = attempt_round(run, grid, global_state, server_round)
         except PrivacyBudgetSpent as err:
             log.warning("dp: %s", err)
             break
@@ -160,12 +161,63 @@ def bootstrap_or_resume(run: ServerRun) -> tuple[AdapterState, int]:
     return global_state, 0
 
 
-def one_round(
+def attempt_round(
     run: ServerRun, grid: Grid, global_state: AdapterState, server_round: int
 ) -> AdapterState:
-    """Train, aggregate, step, evaluate, save and record one round; the new global state."""
+    """One round, as ``server.failed_round`` says when it produces no delta: retried without
+    the nodes the failure names (``server.round_retries`` times), then skipped; skipped; or
+    the run stopped (:class:`RoundFailed` raised). A skipped round's directory holds the
+    adapter it started from and its row says why (``skipped``).
+
+    Under DP a failed attempt released nothing: the plain path discards its noised sum, the
+    secure path fails before unmasking (or, for a weight no client declared, keeps the sum
+    to the server, which DP's central placement trusts anyway).
+    """
+    server = run.cfg.server
+    retries = server.round_retries if server.failed_round == "retry" else 0
+    excluded: set[int] = set()
+    failures: list[str] = []
     t0 = time.perf_counter()
-    record, delta = aggregate_round(run, grid, global_state, server_round)
+    for attempt in range(retries + 1):
+        try:
+            return one_round(run, grid, global_state, server_round, frozenset(excluded))
+        except RoundFailed as err:
+            if server.failed_round == "stop":
+                raise
+            failures.append(str(err) if attempt == 0 else f"retry {attempt}: {err}")
+            excluded |= err.suspects
+            if attempt < retries:
+                left_out = f" without nodes {sorted(excluded)}" if excluded else ""
+                log.warning(
+                    "round %d failed: %s; retrying%s (%d of server.round_retries=%d)",
+                    server_round,
+                    err,
+                    left_out,
+                    attempt + 1,
+                    retries,
+                )
+    log.warning("round %d skipped: %s; the run goes on", server_round, failures[-1])
+    row = MetricsRow(
+        round=server_round,
+        eval_loss=run.last_eval,
+        seconds=time.perf_counter() - t0,
+        skipped=" | ".join(failures),
+    )
+    run.save(server_round, global_state, row)
+    return global_state
+
+
+def one_round(
+    run: ServerRun,
+    grid: Grid,
+    global_state: AdapterState,
+    server_round: int,
+    excluded: frozenset[int] = frozenset(),
+) -> AdapterState:
+    """Train, aggregate, step, evaluate, save and record one round; the new global state.
+    Nodes in ``excluded`` are not asked."""
+    t0 = time.perf_counter()
+    record, delta = aggregate_round(run, grid, global_state, server_round, excluded)
     before = copy.deepcopy(run.optimizer.state_dict())
     candidate = apply_delta(global_state, delta, run.optimizer)
     eval_loss = run.evaluate(candidate)
@@ -189,8 +241,10 @@ def one_round(
         clients_ok=record.ok,
         clients_dropped=record.dropped,
         clients=record.clients,
+        dropped=record.dropped_clients,
         secagg=record.secagg,
         dp=record.dp,
+        robust=record.robust,
         rejected=rejected,
     )
     run.save(server_round, global_state, row)
@@ -227,9 +281,14 @@ def rejection(run: ServerRun, candidate: AdapterState, eval_loss: float) -> str 
 
 
 def aggregate_round(
-    run: ServerRun, grid: Grid, global_state: AdapterState, server_round: int
+    run: ServerRun,
+    grid: Grid,
+    global_state: AdapterState,
+    server_round: int,
+    excluded: frozenset[int] = frozenset(),
 ) -> tuple[RoundRecord, AdapterState]:
-    """Sample nodes, send the train messages, and aggregate the replies: (record, delta).
+    """Sample nodes (none of ``excluded``), send the train messages, and aggregate the
+    replies: (record, delta).
 
     Raises:
         RoundFailed: fewer than ``server.min_replies`` replies counted, or the aggregator could
@@ -240,9 +299,11 @@ def aggregate_round(
     strategy.clip_norm = run.dp.clip_norm if run.dp is not None else None
     strategy.set_global(global_state, server_round)
     messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+    messages = [m for m in messages if m.metadata.dst_node_id not in excluded]
     log.info("round %d/%d: training on %d clients", server_round, cfg.server.rounds, len(messages))
     plan = strategy.plan(server_round, messages, _log_reply(server_round, len(messages)))
     plan.max_examples = cfg.server.max_examples
+    plan.robust = cfg.robust if cfg.robust.enabled else None
     needed = cfg.server.min_replies
     if run.dp is not None:
         count_keys = run.merge.count_keys
@@ -256,12 +317,13 @@ def aggregate_round(
     try:
         record = run.aggregator.aggregate(grid, plan)
     except RoundFailed as err:
-        raise RoundFailed(f"{err}; {kept}") from None
+        raise RoundFailed(f"{err}; {kept}", err.suspects) from None
     if record.delta is None or (record.ok < needed and not record.noise_only):
         missing = len(messages) - record.ok - record.dropped
         raise RoundFailed(
             f"round {server_round}: {record.ok} good replies ({record.dropped} dropped, "
-            f"{missing} missing), server.min_replies={cfg.server.min_replies}; {kept}"
+            f"{missing} missing), server.min_replies={cfg.server.min_replies}; {kept}",
+            frozenset(record.dropped_nodes),
         )
     if run.dp is not None and plan.release is not None:
         record.dp = run.dp.record(strategy.population, len(messages), plan.release)

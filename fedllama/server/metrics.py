@@ -36,10 +36,17 @@ class MetricsRow:
         client_eval_loss: clients' own eval loss after training, example-weighted.
         clients_ok, clients_dropped: replies counted and dropped.
         clients: each counted client's metrics (``node`` plus what it reported).
+        dropped: each dropped client: ``node``, ``client-id`` once known, ``reason`` (and the
+            SecAgg+ ``stage`` it left at).
         secagg: with secure aggregation, the protocol's figures (neighbours, threshold,
             clipped values, unmasked dropouts, per stage traffic and time).
         dp: with differential privacy, ε at δ after this round and every assumption it rests
             on (accountant, z, C, placement, sampling, the unit of privacy, the round's event).
+        robust: with a norm bound or a robust combiner (``robust.*``), what the round's bound
+            was and which clients' updates were clipped, dropped or left out by the combiner.
+        skipped: set when the round produced no delta (every attempt failed, see
+            ``server.failed_round``): why; the global adapter stays and ``eval_loss`` is its
+            loss.
         rejected: set when the round's new global adapter was rejected (non-finite, or its
             eval loss over ``server.reject_loss_factor`` times the last one); the round's
             directory then holds the previous adapter and ``eval_loss`` is its loss.
@@ -55,15 +62,19 @@ class MetricsRow:
     clients_ok: int = 0
     clients_dropped: int = 0
     clients: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
     secagg: dict[str, Any] | None = None
     dp: dict[str, Any] | None = None
+    robust: dict[str, Any] | None = None
     rejected: str | None = None
     """Why the round's new global adapter was rejected (the previous one was kept)."""
+    skipped: str | None = None
+    """Why the round produced no delta (the previous adapter was kept)."""
 
     def to_json(self) -> dict[str, Any]:
-        """The row as written (``secagg`` and ``dp`` only when they ran)."""
+        """The row as written (``secagg``, ``dp`` and ``robust`` only when they ran)."""
         row = asdict(self)
-        for optional in ("secagg", "dp", "rejected"):
+        for optional in ("secagg", "dp", "robust", "rejected", "skipped"):
             if row[optional] is None:
                 del row[optional]
         strict: dict[str, Any] = _strict(row)

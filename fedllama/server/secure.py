@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from flwr.app import (
 
 from fedllama.config import SecAggConfig
 from fedllama.merge import AdapterState, MergeError
+from fedllama.merge.robust import split_counts
 from fedllama.privacy.dp import distributed
 from fedllama.privacy.dp.distributed import DdgParams
 from fedllama.privacy.secagg.messages import (
@@ -34,7 +36,13 @@ from fedllama.privacy.secagg.messages import (
 )
 from fedllama.privacy.secagg.params import U64, SecAggAbort, SecAggError, get_field, get_pairs
 from fedllama.privacy.secagg.server import SecAggServer
-from fedllama.server.aggregate import RoundFailed, RoundPlan, RoundRecord
+from fedllama.server.aggregate import (
+    RoundFailed,
+    RoundPlan,
+    RoundRecord,
+    dropped_entry,
+    learn_name,
+)
 from fedllama.server.replies import stream_replies
 from fedllama.wire.layout import Layout
 from fedllama.wire.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, record_bytes
@@ -145,11 +153,15 @@ class SecureAggregator:
             )
             delta = plan.decode(plan.zeros())
             return RoundRecord(server_round=plan.server_round, delta=delta, noise_only=True)
+        secure: _SecureRound | None = None
         try:
-            return _SecureRound(grid, plan, self.cfg, self.train_timeout).run()
+            secure = _SecureRound(grid, plan, self.cfg, self.train_timeout)
+            return secure.run()
         except SecAggAbort as err:
+            dropped = secure.server.dropped.values() if secure is not None else []
+            left = frozenset(n for nodes in dropped for n in nodes)  # retried without them
             raise RoundFailed(
-                f"round {plan.server_round}: secure aggregation failed: {err}"
+                f"round {plan.server_round}: secure aggregation failed: {err}", left
             ) from None
 
 
@@ -162,9 +174,11 @@ class _SecureRound:
         self.ddg = plan.release.distributed if plan.release is not None else None
         self.length = self.ddg.size if self.ddg is not None else self.layout.size
         self.nodes = [m.metadata.dst_node_id for m in plan.messages]
-        self.server = SecAggServer(self.nodes, cfg, plan.server_round, self.length)
+        self.server = SecAggServer(
+            self.nodes, cfg, plan.server_round, self.length, names=plan.names
+        )
         self.stats = {stage: StageStats() for stage in STAGES}
-        self.record = RoundRecord(server_round=plan.server_round)
+        self.record = RoundRecord(server_round=plan.server_round, names=plan.names)
         self.clipped = 0
 
     def run(self) -> RoundRecord:
@@ -179,8 +193,15 @@ class _SecureRound:
         summed = self.distributed_sum() if self.ddg else self.layout.unflatten(self.server.finish())
         if self.ddg is None:
             self.check_total_weight(summed)
+            self.check_sum_norm(summed)
         record = self.record
         record.dropped = len(self.nodes) - record.ok
+        record.dropped_clients = [  # those not in the sum (an unmask dropout is counted)
+            dropped_entry(node, self.plan.names, self.server.reasons[node], stage=stage)
+            for stage, nodes in self.server.dropped.items()
+            for node in nodes
+            if node not in record.counted
+        ]
         try:
             record.delta = self.plan.decode(summed)
         except MergeError as err:
@@ -233,6 +254,8 @@ class _SecureRound:
         clients provisioned for (it would carry less noise than the ledger allows)."""
         summed = len(self.server.summed)
         if summed < ddg.survivors:
+            for node in sorted(self.server.alive - self.server.summed):
+                self.server.drop(node, "no masked vector")  # named, so a retry leaves it out
             raise SecAggAbort(
                 f"{summed} masked vectors arrived, fewer than the {ddg.survivors} the clients' "
                 "distributed noise was provisioned for (dp.dropout_tolerance); the sum is not "
@@ -270,6 +293,28 @@ class _SecureRound:
                     f"declared {expected:g} in all: a client encoded a weight it did not "
                     "declare; the sum is not released"
                 )
+
+    def check_sum_norm(self, summed: AdapterState) -> None:
+        """With ``robust.norm_bound`` B every honest client clipped its update to B, so the
+        sum's payload (Σ w_k·u_k) has a norm of at most W·B, W the declared total weight, plus
+        the fixed point's error (under one step per value per client). A larger sum holds an
+        update nobody clipped and is not released (which client cannot be told)."""
+        robust = self.plan.robust
+        if robust is None or robust.norm_bound <= 0:
+            return
+        payload, _ = split_counts(summed, self.plan.merge.count_keys)
+        weight = sum(c[NUM_EXAMPLES] for c in self.record.clients)
+        norm = float(sum(float(v.double().square().sum()) for v in payload.values())) ** 0.5
+        values = sum(v.numel() for v in payload.values())
+        slack = math.sqrt(values) * len(self.record.clients) * self.server.quantizer.step
+        limit = weight * robust.norm_bound * (1 + 1e-5) + slack
+        if norm > limit:
+            raise SecAggAbort(
+                f"the unmasked sum's update norm is {norm:.6g}, over the {limit:.6g} that "
+                f"{len(self.record.clients)} clients clipped to robust.norm_bound="
+                f"{robust.norm_bound:g} can produce (total weight {weight:g}): a client sent "
+                "an update it did not clip; the sum is not released"
+            )
 
     def ask(
         self, stage: str, requests: Mapping[int, dict[str, Any]], timeout: float
@@ -333,6 +378,7 @@ class _SecureRound:
         for node, reply in _exchange(
             self.grid, self.server, contents, "mask", self.train_timeout, stats
         ):
+            learn_name(node, reply.content, self.plan.names)
             try:
                 masked, metrics, num_examples, train_loss = _check_masked(
                     reply.content, self.length

@@ -73,6 +73,8 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         self.global_state: AdapterState = {}
         self.spec = ReplySpec(shapes={})
         self.report = RoundRecord()
+        self.client_ids: dict[int, int] = {}
+        """Node -> client id, learned from replies; names nodes in logs and rows."""
 
     def set_global(self, global_state: AdapterState, server_round: int) -> None:
         """Install the global state ``server_round`` starts from, and the replies it expects."""
@@ -112,7 +114,15 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         self, server_round: int, messages: Sequence[Message], on_reply: OnReply | None = None
     ) -> RoundPlan:
         """What the aggregator needs to know about the round ``configure_train`` started."""
-        return RoundPlan(server_round, messages, self.merge, self.global_state, self.spec, on_reply)
+        return RoundPlan(
+            server_round,
+            messages,
+            self.merge,
+            self.global_state,
+            self.spec,
+            on_reply,
+            names=self.client_ids,
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

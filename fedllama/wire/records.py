@@ -32,6 +32,8 @@ NUM_EXAMPLES = "num-examples"
 
 
 TRAIN_LOSS = "train-loss"
+CLIENT_ID = "client-id"
+"""Metric: the client's id (its partition id in a simulation, else its node id)."""
 
 
 WIRE_DTYPES = ("float32",)

@@ -12,7 +12,14 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 
 from fedllama.merge import AdapterState
-from fedllama.wire.records import ARRAYS, METRICS, NUM_EXAMPLES, TRAIN_LOSS, WIRE_DTYPES
+from fedllama.wire.records import (
+    ARRAYS,
+    CLIENT_ID,
+    METRICS,
+    NUM_EXAMPLES,
+    TRAIN_LOSS,
+    WIRE_DTYPES,
+)
 
 
 class ReplyError(ValueError):
@@ -93,7 +100,7 @@ METRIC_RULES: dict[str, tuple[str, float, float]] = {
     "seconds": (_NUM, 0.0, math.inf),
     "tokens": (_INT, 0, math.inf),
     "lora-rank": (_INT, 1, math.inf),
-    "client-id": (_INT, 0, math.inf),
+    CLIENT_ID: (_INT, 0, math.inf),
     "secagg-clipped": (_INT, 0, math.inf),
 }
 """Every metric a client may send: its kind and range. A reply with any other metric, or one

@@ -68,6 +68,8 @@ class SecAggServer:
     server_round: int
     length: int
     rng: random.Random = field(default_factory=secrets.SystemRandom)
+    names: Mapping[int, int] = field(default_factory=dict)
+    """Node -> client id, to name nodes in log lines (a label only)."""
 
     def __post_init__(self) -> None:
         n = len(self.nodes)
@@ -84,6 +86,8 @@ class SecAggServer:
         self.graph = harary_graph(self.nodes, self.k, self.rng)
         self.alive: set[int] = set(self.nodes)
         self.dropped: dict[str, list[int]] = {stage: [] for stage in STAGES}
+        self.reasons: dict[int, str] = {}
+        """Why each dropped node was dropped."""
         self.stage = "setup"
         self.keys: dict[int, tuple[bytes, bytes]] = {}
         self.commitments: dict[int, bytes] = {}
@@ -113,11 +117,14 @@ class SecAggServer:
         if node in self.alive:
             self.alive.discard(node)
             self.dropped[self.stage].append(node)
+            self.reasons[node] = reason
+            name = f" (client {self.names[node]})" if node in self.names else ""
             log.warning(
-                "round %d: secagg %s: dropped node %d: %s",
+                "round %d: secagg %s: dropped node %d%s: %s",
                 self.server_round,
                 self.stage,
                 node,
+                name,
                 reason,
             )
 
