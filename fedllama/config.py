@@ -400,6 +400,10 @@ class SecAggConfig:
     holds up to ≈ 2^(64-bits) clients."""
     timeout_s: float = 600.0
     """How long each key/share/unmask stage waits for replies (training waits server.timeout_s)."""
+    roster: str = ""
+    """Path of the federation's SuperNode public keys (one OpenSSH line each): every node's
+    round keys must be signed by a distinct one of them, or the node is dropped at the key
+    stage; empty: keys are not signed (a semi-honest server is assumed)."""
 
     def __post_init__(self) -> None:
         _require(

@@ -115,6 +115,7 @@ def test_supernode_node_config_round_trips_through_flowers_parser(
         batch_size=2,
         local_steps=5,
         cache_dir=tmp_path / "cache",
+        secagg_roster=creds.nodes["hospital-a"].public_key,  # a roster of one
     )
 
     cmd = deploy.supernode_command(settings)
@@ -127,6 +128,8 @@ def test_supernode_node_config_round_trips_through_flowers_parser(
         "batch-size": 2,
         "local-steps": 5,
         "cache-dir": str(tmp_path / "cache"),
+        "secagg-signing-key": str(creds.nodes["hospital-a"].private_key),  # its SuperNode key
+        "secagg-roster": str(creds.nodes["hospital-a"].public_key),
     }
     assert _value(cmd, "--root-certificates") == str(creds.ca_cert)
     assert "--insecure" not in cmd

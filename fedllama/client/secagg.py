@@ -22,8 +22,10 @@ from flwr.app import (
     RecordDict,
 )
 
+from fedllama.client.settings import NodeSettings
 from fedllama.privacy.dp import distributed
 from fedllama.privacy.dp.distributed import I64, DdgParams, DistributedNoiseError
+from fedllama.privacy.secagg import identity
 from fedllama.privacy.secagg.client import SecAggClient
 from fedllama.privacy.secagg.messages import (
     CLIPPED,
@@ -82,20 +84,53 @@ def _round_of(client: SecAggClient, rec: Mapping[str, Any]) -> None:
 
 
 def client_setup(msg: Message, context: Context) -> Message:
-    """Stage 1 on a client: fresh keys for the round (any earlier round's state is replaced)."""
+    """Stage 1 on a client: fresh keys for the round (any earlier round's state is replaced),
+    signed with the node's ``secagg-signing-key`` when its node config names one."""
     params = Params.from_record(_request(msg))
-    client, (pk_enc, pk_mask) = SecAggClient.setup(msg.metadata.dst_node_id, params)
+    node = msg.metadata.dst_node_id
+    client, (pk_enc, pk_mask) = SecAggClient.setup(node, params)
     _store(context, client)
-    return _reply(msg, keys_reply(pk_enc, pk_mask))
+    path = NodeSettings.from_node_config(dict(context.node_config)).secagg_signing_key
+    if not path:
+        return _reply(msg, keys_reply(pk_enc, pk_mask))
+    key = identity.load_signing_key(path)
+    signature, signer = identity.sign(key, params.server_round, node, pk_enc, pk_mask)
+    return _reply(msg, keys_reply(pk_enc, pk_mask, signature, signer))
+
+
+def check_neighbours(
+    rec: Mapping[str, Any], keys: Mapping[int, tuple[bytes, bytes]], server_round: int, roster: str
+) -> None:
+    """With a ``secagg-roster``, every neighbour's keys must be signed for this round and its
+    node id by a distinct roster key; otherwise the server (or someone between) substituted
+    them, and the node refuses to share its secrets (SecAggError naming the neighbour)."""
+    allowed = identity.load_roster(roster)
+    signatures = get_pairs(rec, "key-ids", "signature")
+    signers = get_pairs(rec, "key-ids", "signer")
+    for node in sorted(keys):
+        identity.verify(
+            allowed,
+            server_round,
+            node,
+            keys[node],
+            signatures.get(node, b""),
+            signers.get(node, b""),
+        )
+    identity.check_signers({n: signers[n] for n in keys})
 
 
 def client_share(msg: Message, context: Context) -> Message:
-    """Stage 2 on a client: encrypted shares for each neighbour."""
+    """Stage 2 on a client: encrypted shares for each neighbour (whose keys it first checks
+    against its ``secagg-roster`` when it has one)."""
     rec = _request(msg)
     client = _load(context)
     _round_of(client, rec)
     enc, mask = get_pairs(rec, "key-ids", "pk-enc"), get_pairs(rec, "key-ids", "pk-mask")
-    ciphertexts, commitment = client.share({n: (enc[n], mask[n]) for n in enc})
+    keys = {n: (enc[n], mask[n]) for n in enc}
+    roster = NodeSettings.from_node_config(dict(context.node_config)).secagg_roster
+    if roster:
+        check_neighbours(rec, keys, client.params.server_round, roster)
+    ciphertexts, commitment = client.share(keys)
     _store(context, client)
     return _reply(msg, shares_reply(ciphertexts, commitment))
 

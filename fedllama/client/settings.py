@@ -28,11 +28,16 @@ class NodeSettings:
     batch_size: int | None = None
     local_steps: int | None = None
     cache_dir: str | None = None
+    secagg_signing_key: str | None = None
+    """Path of the key this node signs its SecAgg+ round keys with (its SuperNode key)."""
+    secagg_roster: str | None = None
+    """Path of the federation's SuperNode public keys; neighbours' keys are checked against it."""
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodeSettings:
         """Read Flower's node config (``partition-id``, ``data-path``, ``lora-rank``,
-        ``device``, ``batch-size``, ``local-steps``, ``cache-dir``)."""
+        ``device``, ``batch-size``, ``local-steps``, ``cache-dir``, ``secagg-signing-key``,
+        ``secagg-roster``)."""
 
         def get_int(key: str) -> int | None:
             value = node_config.get(key)
@@ -57,6 +62,8 @@ class NodeSettings:
             batch_size=get_int("batch-size"),
             local_steps=get_int("local-steps"),
             cache_dir=get_str("cache-dir"),
+            secagg_signing_key=get_str("secagg-signing-key"),
+            secagg_roster=get_str("secagg-roster"),
         )
 
     def rank(self, cfg: Config) -> int:

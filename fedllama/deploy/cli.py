@@ -99,6 +99,11 @@ def _add_deploy(sub: Any) -> None:
     node.add_argument("--port", type=int, default=DEFAULT_SUPERNODE_PORT, help="local API port")
     node.add_argument("--max-retries", type=int, help="give up after N failed connections")
     node.add_argument(
+        "--secagg-roster",
+        type=Path,
+        help="the federation's SuperNode public keys (cat */*.pub): check SecAgg+ neighbours",
+    )
+    node.add_argument(
         "--insecure-local-test",
         action="store_true",
         help="no TLS, no key; only to a SuperLink on loopback (tests)",
@@ -208,6 +213,7 @@ def _supernode(args: argparse.Namespace) -> int:
         port=args.port,
         max_retries=args.max_retries,
         insecure=args.insecure_local_test,
+        secagg_roster=args.secagg_roster,
     )
     if node.insecure:
         log.warning(INSECURE_WARNING)

@@ -266,6 +266,9 @@ class SuperNodeSettings:
         port: the SuperNode's local runtime API port on 127.0.0.1 (one per SuperNode on a host).
         max_retries: connection attempts before giving up (``None``: retry forever).
         insecure: no TLS, no authentication (loopback tests only).
+        secagg_roster: the federation's SuperNode public keys (one OpenSSH line each); with
+            it the node checks its SecAgg+ neighbours' signed keys against them. The node
+            signs its own round keys with ``private_key`` whenever it has one.
     """
 
     superlink: str
@@ -280,6 +283,7 @@ class SuperNodeSettings:
     port: int = DEFAULT_SUPERNODE_PORT
     max_retries: int | None = None
     insecure: bool = False
+    secagg_roster: Path | None = None
 
     def __post_init__(self) -> None:
         host, _ = _check_address(self.superlink, "superlink")
@@ -299,6 +303,8 @@ class SuperNodeSettings:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise DeployError(f"{key.replace('_', '-')}={value}: expected an integer >= 1")
+        if self.secagg_roster is not None and not self.secagg_roster.expanduser().is_file():
+            raise DeployError(f"--secagg-roster {str(self.secagg_roster)!r}: no such file")
         if self.max_retries is not None and self.max_retries < 0:
             raise DeployError(f"max-retries={self.max_retries}: expected >= 0")
         if self.device is not None and not (
@@ -326,6 +332,14 @@ class SuperNodeSettings:
             "batch-size": self.batch_size,
             "local-steps": self.local_steps,
             "cache-dir": str(self.cache_dir.expanduser().resolve()) if self.cache_dir else None,
+            "secagg-signing-key": (
+                str(self.private_key.expanduser().resolve())
+                if self.private_key and not self.insecure
+                else None
+            ),
+            "secagg-roster": (
+                str(self.secagg_roster.expanduser().resolve()) if self.secagg_roster else None
+            ),
         }
         values.update({k: v for k, v in optional.items() if v is not None})
         return values

@@ -22,6 +22,7 @@ from fedllama.merge import AdapterState, MergeError
 from fedllama.merge.robust import split_counts
 from fedllama.privacy.dp import distributed
 from fedllama.privacy.dp.distributed import DdgParams
+from fedllama.privacy.secagg import identity
 from fedllama.privacy.secagg.messages import (
     ACTIONS,
     CLIPPED,
@@ -128,6 +129,8 @@ class SecureAggregator:
     def __init__(self, cfg: SecAggConfig, train_timeout: float) -> None:
         self.cfg = cfg
         self.train_timeout = train_timeout
+        self.roster = identity.load_roster(cfg.roster) if cfg.roster else None
+        """``secagg.roster``: the public keys nodes must sign their round keys with."""
 
     def aggregate(self, grid: Grid, plan: RoundPlan) -> RoundRecord:
         """Run the four stages and decode the unmasked sum.
@@ -155,11 +158,14 @@ class SecureAggregator:
             return RoundRecord(server_round=plan.server_round, delta=delta, noise_only=True)
         secure: _SecureRound | None = None
         try:
-            secure = _SecureRound(grid, plan, self.cfg, self.train_timeout)
+            secure = _SecureRound(grid, plan, self.cfg, self.train_timeout, self.roster)
             return secure.run()
         except SecAggAbort as err:
-            dropped = secure.server.dropped.values() if secure is not None else []
-            left = frozenset(n for nodes in dropped for n in nodes)  # retried without them
+            server = secure.server if secure is not None else None
+            dropped = server.dropped.values() if server is not None else []
+            pruned = server.pruned if server is not None else set()
+            # retried without the nodes that failed on their own (not those pruned for it)
+            left = frozenset(n for nodes in dropped for n in nodes if n not in pruned)
             raise RoundFailed(
                 f"round {plan.server_round}: secure aggregation failed: {err}", left
             ) from None
@@ -168,8 +174,18 @@ class SecureAggregator:
 class _SecureRound:
     """The state of one secure round: the protocol's server, the tally, per-stage figures."""
 
-    def __init__(self, grid: Grid, plan: RoundPlan, cfg: SecAggConfig, train_timeout: float):
+    def __init__(
+        self,
+        grid: Grid,
+        plan: RoundPlan,
+        cfg: SecAggConfig,
+        train_timeout: float,
+        roster: frozenset[bytes] | None = None,
+    ):
         self.grid, self.plan, self.cfg, self.train_timeout = grid, plan, cfg, train_timeout
+        self.roster = roster
+        self.signed: dict[int, tuple[bytes, bytes]] = {}
+        """Node -> (signature, signer) of its round keys, forwarded to its neighbours."""
         self.layout = Layout.of(plan.spec.shapes)
         self.ddg = plan.release.distributed if plan.release is not None else None
         self.length = self.ddg.size if self.ddg is not None else self.layout.size
@@ -333,10 +349,36 @@ class _SecureRound:
     def advertise_keys(self) -> None:
         """Stage 1: each node's two public keys."""
         setup = {n: setup_request(p) for n, p in self.server.setup_requests().items()}
+        signers: dict[bytes, int] = {}
+        owners: dict[bytes, int] = {}  # public key -> the node that advertised it first
         for node, rec in self.ask("setup", setup, self.cfg.timeout_s):
             try:
                 pk_enc, pk_mask = get_field(rec, "pk-enc", bytes), get_field(rec, "pk-mask", bytes)
+                signature, signer = rec.get("signature", b""), rec.get("signer", b"")
+                if not isinstance(signature, bytes) or not isinstance(signer, bytes):
+                    raise SecAggError("fields 'signature'/'signer' must be bytes")
+                if self.roster is not None:
+                    identity.verify(
+                        self.roster,
+                        self.plan.server_round,
+                        node,
+                        (pk_enc, pk_mask),
+                        signature,
+                        signer,
+                    )
+                    if signer in signers:
+                        raise SecAggError(
+                            f"signed with the key node {signers[signer]} signed with this round"
+                        )
+                    signers[signer] = node
+                first = owners.get(pk_enc, owners.get(pk_mask))
+                if first is not None:  # unsigned replay: which one is the original is unknown
+                    why = f"nodes {first} and {node} advertise the same public key"
+                    self.server.drop(first, f"{why} (without secagg.roster neither is trusted)")
+                    raise SecAggError(f"{why} (without secagg.roster neither is trusted)")
                 self.server.add_keys(node, pk_enc, pk_mask)
+                owners[pk_enc] = owners[pk_mask] = node
+                self.signed[node] = (signature, signer)
             except SecAggError as err:
                 self.server.drop(node, str(err))
 
@@ -344,7 +386,10 @@ class _SecureRound:
         """Stage 2: each node's encrypted shares for its neighbours, and its commitment."""
         server_round = self.plan.server_round
         requests = self.server.share_requests().items()
-        share = {n: share_request(server_round, k) for n, k in requests}
+        share = {
+            n: share_request(server_round, k, {m: self.signed[m] for m in k if m in self.signed})
+            for n, k in requests
+        }
         for node, rec in self.ask("share", share, self.cfg.timeout_s):
             try:
                 ciphertexts = get_pairs(rec, "dst", "ciphertexts")

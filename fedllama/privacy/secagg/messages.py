@@ -40,18 +40,29 @@ def setup_request(params: Params) -> dict[str, Any]:
     return params.to_record()
 
 
-def keys_reply(pk_enc: bytes, pk_mask: bytes) -> dict[str, Any]:
-    """Client → server, stage 1."""
-    return {"pk-enc": pk_enc, "pk-mask": pk_mask}
+def keys_reply(
+    pk_enc: bytes, pk_mask: bytes, signature: bytes = b"", signer: bytes = b""
+) -> dict[str, Any]:
+    """Client → server, stage 1: the round's public keys, signed when the node has a signing
+    key (``identity.sign``; empty otherwise)."""
+    return {"pk-enc": pk_enc, "pk-mask": pk_mask, "signature": signature, "signer": signer}
 
 
-def share_request(server_round: int, keys: Mapping[int, tuple[bytes, bytes]]) -> dict[str, Any]:
-    """Server → client, stage 2: the neighbourhood's public keys."""
+def share_request(
+    server_round: int,
+    keys: Mapping[int, tuple[bytes, bytes]],
+    signed: Mapping[int, tuple[bytes, bytes]] | None = None,
+) -> dict[str, Any]:
+    """Server → client, stage 2: the neighbourhood's public keys and each one's (signature,
+    signer), for nodes that verify them against a roster."""
+    signed = signed or {}
     return {
         "round": server_round,
         "key-ids": list(keys),
         "pk-enc": [k[0] for k in keys.values()],
         "pk-mask": [k[1] for k in keys.values()],
+        "signature": [signed.get(n, (b"", b""))[0] for n in keys],
+        "signer": [signed.get(n, (b"", b""))[1] for n in keys],
     }
 
 

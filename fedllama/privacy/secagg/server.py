@@ -88,6 +88,8 @@ class SecAggServer:
         self.dropped: dict[str, list[int]] = {stage: [] for stage in STAGES}
         self.reasons: dict[int, str] = {}
         """Why each dropped node was dropped."""
+        self.pruned: set[int] = set()
+        """Nodes dropped for others' absence (too few live neighbours), not for their own."""
         self.stage = "setup"
         self.keys: dict[int, tuple[bytes, bytes]] = {}
         self.commitments: dict[int, bytes] = {}
@@ -363,6 +365,7 @@ class SecAggServer:
                 live = len(self.graph[node] & self.alive)
                 if live + 1 < t:
                     self.drop(node, f"{live} of {what} left, fewer than t - 1 = {t - 1}")
+                    self.pruned.add(node)
                     changed = True
         if len(self.alive) < t:
             raise SecAggAbort(
