@@ -339,3 +339,84 @@ def test_ten_thousand_malformed_replies_are_each_dropped_with_a_reason() -> None
             _check_masked(RecordDict({MASKED: ArrayRecord({MASKED: masked}), METRICS: metrics}), 4)
         refused += 1
     assert refused == 1_500
+
+
+def test_thousands_of_malformed_secagg_stage_replies_are_each_dropped_with_a_reason() -> None:
+    """The secure path's key, share and unmask replies: each malformed one is a named drop of
+    its node, the well-formed ones go on, and nothing else escapes (3 x 1,200 seeded cases)."""
+    import copy
+    import random
+
+    from fedllama.config import SecAggConfig
+    from fedllama.privacy.secagg import SecAggClient
+    from fedllama.privacy.secagg.messages import keys_reply, shares_reply, unmask_reply
+    from fedllama.server.aggregate import RoundPlan
+    from fedllama.server.secure import _SecureRound
+    from fedllama.wire.validate import ReplySpec
+    from strategies.fedavg import FedAvg
+
+    InProcessGrid(1)  # Flower's task identity, which a Message needs
+    nodes = [1, 2, 3, 4, 5]
+    shapes = {"m.lora_A.weight": (2, 3), WEIGHT_KEY: (1,)}
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in nodes]
+    plan = RoundPlan(1, messages, FedAvg(), {}, ReplySpec(shapes=shapes))
+    cfg = SecAggConfig(enabled=True, num_neighbours=4)  # every node neighbours all; t = 3
+    base = _SecureRound(None, plan, cfg, 1.0)  # type: ignore[arg-type]
+    base.server.rng = random.Random(0)  # the OS's CSPRNG cannot be copied; the graph is drawn
+    server = copy.deepcopy(base.server)  # a clean round, played through to build good replies
+    clients, keys = {}, {}
+    for n in nodes:
+        clients[n], keys[n] = SecAggClient.setup(n, server.params)
+        server.add_keys(n, *keys[n])
+    after_setup = copy.deepcopy(server)
+    good = {"setup": {n: keys_reply(*keys[n]) for n in nodes}, "share": {}}
+    for n, request in server.share_requests().items():
+        good["share"][n] = fields = shares_reply(*clients[n].share(request))
+        routed = dict(zip(fields["dst"], fields["ciphertexts"], strict=True))
+        server.add_shares(n, routed, fields["commitment"])
+    for n, routed in server.mask_requests().items():
+        clients[n].receive(routed)
+        server.add_masked(n, clients[n].mask(np.zeros(base.length, np.float32))[0])
+    after_mask = copy.deepcopy(server)
+    asks = server.unmask_requests()
+    good["unmask"] = {n: unmask_reply(*clients[n].unmask(*asks[n])) for n in nodes}
+
+    rng = np.random.default_rng(0)
+    junk = [None, 7, "x", 1.5, True, [1, 2], [b"a", "b"], b"", rng.bytes(97)]
+    mutable = {
+        "setup": ["pk-enc", "pk-mask"],
+        "share": ["dst", "ciphertexts", "commitment"],
+        "unmask": ["seed-owners", "seed-shares"],  # every node survived: no key shares asked
+    }
+
+    def malformed(stage: str, fields: dict) -> dict:
+        out = dict(fields)
+        key = mutable[stage][int(rng.integers(len(mutable[stage])))]
+        kind = int(rng.integers(4))
+        if kind == 0:
+            del out[key]
+        elif kind == 1:
+            out[key] = junk[int(rng.integers(len(junk)))]
+        elif isinstance(out[key], list):  # one short, or the first repeated
+            out[key] = out[key][:-1] if kind == 2 else [out[key][0], *out[key]]
+        else:  # bytes of a wrong length (never 32, a commitment's, nor a point's 97)
+            out[key] = rng.bytes(int(rng.integers(1, 31)))
+        return out
+
+    starts = {"setup": base.server, "share": after_setup, "unmask": after_mask}
+    bad = 5
+    dropped = dict.fromkeys(starts, 0)
+    for stage, start in starts.items():
+        for _ in range(1_200):
+            secure = copy.copy(base)
+            secure.server = copy.deepcopy(start)
+            replies = [(n, good[stage][n]) for n in nodes if n != bad]
+            replies.append((bad, malformed(stage, good[stage][bad])))
+            secure.ask = lambda *_, r=replies: iter(r)  # type: ignore[method-assign]
+            {"setup": secure.advertise_keys, "share": secure.share_keys, "unmask": secure.unmask}[
+                stage
+            ]()
+            assert secure.server.reasons.get(bad), (stage, replies[-1][1])
+            assert not set(secure.server.reasons) - {bad}  # the well-formed ones go on
+            dropped[stage] += 1
+    assert dropped == {"setup": 1_200, "share": 1_200, "unmask": 1_200}

@@ -34,6 +34,7 @@ from fedllama.privacy.secagg import (
     SecAggServer,
     aggregate_locally,
 )
+from fedllama.privacy.secagg.client import BadShares
 from fedllama.server import checkpoint
 from fedllama.server.loop import RoundFailed
 from fedllama.wire.layout import Layout
@@ -285,8 +286,11 @@ def test_corrupted_share_ciphertext_is_refused_naming_its_sender() -> None:
     routed = server.mask_requests()[3]
     routed[1] = routed[1][:40] + bytes([routed[1][40] ^ 1]) + routed[1][41:]
 
-    with pytest.raises(SecAggError, match="ciphertext from node 1 does not authenticate"):
+    with pytest.raises(
+        BadShares, match="ciphertexts from nodes \\[1\\] do not authenticate"
+    ) as err:
         clients[3].receive(routed)
+    assert err.value.senders == [1]
 
 
 def test_corrupted_unmask_share_is_named_and_the_sum_still_comes_out(caplog) -> None:
@@ -606,12 +610,12 @@ def test_corrupted_share_drops_its_recipient_and_the_rest_aggregate(
     with caplog.at_level("WARNING", logger="fedllama"):
         rows = _run(InProcessGrid(3, corrupt_share_for_node_102), cfg)
 
-    assert "secagg mask: dropped node 102: error reply" in caplog.text
-    assert "ciphertext from node 100 does not authenticate" in caplog.text
+    assert "secagg mask: dropped node 102: could not authenticate the shares of nodes [100]" in (
+        caplog.text
+    )
     assert rows[-1]["clients_ok"] == 2 and rows[-1]["secagg"]["unmasked_dropouts"] == 1
     (dropped,) = rows[-1]["dropped"]  # no client id yet: node 102 never sent a good reply
     assert dropped["node"] == 102 and dropped["stage"] == "mask" and "client-id" not in dropped
-    assert dropped["reason"].startswith("error reply")
     # expected: the plain rule over clients 0 and 1 only, from their recorded plain encodings
     merge = strategies.build(tiny_config(cache_dir, tmp_path / "x", *MIXED))
     round0, _ = checkpoint.load_global(plain_and_secure["plain"]["dir"], 0)
@@ -623,6 +627,26 @@ def test_corrupted_share_drops_its_recipient_and_the_rest_aggregate(
     secure, _ = checkpoint.load_global(tmp_path / "run", 1)
     for key in round0:
         torch.testing.assert_close(secure[key], round0[key] + delta[key], rtol=0, atol=1e-6)
+
+
+def test_a_sender_that_corrupts_all_its_shares_is_named_and_the_retry_goes_on_without_it(
+    cache_dir: Path, tmp_path: Path, caplog
+) -> None:
+    def corrupt_every_share_of_node_100(pid: int, reply: Message) -> Message:
+        if pid == 0 and reply.metadata.message_type.endswith("share"):
+            rec = reply.content.config_records[secagg.SECAGG]
+            rec["ciphertexts"] = [
+                ct[:50] + bytes([ct[50] ^ 1]) + ct[51:] for ct in rec["ciphertexts"]
+            ]
+        return reply
+
+    cfg = tiny_config(cache_dir, tmp_path / "run", *MIXED, "secagg.enabled=true")
+    with caplog.at_level("WARNING", logger="fedllama"):
+        rows = _run(InProcessGrid(3, corrupt_every_share_of_node_100), cfg)
+
+    assert "retrying without nodes [100]" in caplog.text  # not its two accusers
+    assert rows[-1]["clients_ok"] == 2 and "skipped" not in rows[-1]
+    assert sorted(c["node"] for c in rows[-1]["clients"]) == [101, 102]
 
 
 def test_too_few_clients_left_skip_the_round_and_keep_the_adapter(

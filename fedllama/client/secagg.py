@@ -26,8 +26,9 @@ from fedllama.client.settings import NodeSettings
 from fedllama.privacy.dp import distributed
 from fedllama.privacy.dp.distributed import I64, DdgParams, DistributedNoiseError
 from fedllama.privacy.secagg import identity
-from fedllama.privacy.secagg.client import SecAggClient
+from fedllama.privacy.secagg.client import BadShares, SecAggClient
 from fedllama.privacy.secagg.messages import (
+    BAD_SHARES,
     CLIPPED,
     MASKED,
     SECAGG,
@@ -151,7 +152,11 @@ def client_mask(msg: Message, context: Context, train: Callable[[], Message]) ->
     rec = _request(msg)
     client = _load(context)
     _round_of(client, rec)
-    client.receive(get_pairs(rec, "src", "ciphertexts"))  # fail before training, not after
+    try:
+        client.receive(get_pairs(rec, "src", "ciphertexts"))  # fail before training, not after
+    except BadShares as err:  # name the senders to the server rather than fail unexplained
+        log.warning("%s", err)
+        return _reply(msg, {BAD_SHARES: err.senders})
     try:
         ddg = DdgParams.from_record(rec)
     except DistributedNoiseError as err:

@@ -25,6 +25,7 @@ from fedllama.privacy.dp.distributed import DdgParams
 from fedllama.privacy.secagg import identity
 from fedllama.privacy.secagg.messages import (
     ACTIONS,
+    BAD_SHARES,
     CLIPPED,
     MASKED,
     SECAGG,
@@ -35,7 +36,14 @@ from fedllama.privacy.secagg.messages import (
     share_request,
     unmask_request,
 )
-from fedllama.privacy.secagg.params import U64, SecAggAbort, SecAggError, get_field, get_pairs
+from fedllama.privacy.secagg.params import (
+    U64,
+    SecAggAbort,
+    SecAggError,
+    get_field,
+    get_ids,
+    get_pairs,
+)
 from fedllama.privacy.secagg.server import SecAggServer
 from fedllama.server.aggregate import (
     RoundFailed,
@@ -161,11 +169,7 @@ class SecureAggregator:
             secure = _SecureRound(grid, plan, self.cfg, self.train_timeout, self.roster)
             return secure.run()
         except SecAggAbort as err:
-            server = secure.server if secure is not None else None
-            dropped = server.dropped.values() if server is not None else []
-            pruned = server.pruned if server is not None else set()
-            # retried without the nodes that failed on their own (not those pruned for it)
-            left = frozenset(n for nodes in dropped for n in nodes if n not in pruned)
+            left = secure.suspects() if secure is not None else frozenset()
             raise RoundFailed(
                 f"round {plan.server_round}: secure aggregation failed: {err}", left
             ) from None
@@ -186,6 +190,8 @@ class _SecureRound:
         self.roster = roster
         self.signed: dict[int, tuple[bytes, bytes]] = {}
         """Node -> (signature, signer) of its round keys, forwarded to its neighbours."""
+        self.accusations: dict[int, set[int]] = {}
+        """Sender -> the nodes that could not authenticate its shares."""
         self.layout = Layout.of(plan.spec.shapes)
         self.ddg = plan.release.distributed if plan.release is not None else None
         self.length = self.ddg.size if self.ddg is not None else self.layout.size
@@ -264,6 +270,39 @@ class _SecureRound:
             ddg.norm_bound,
             ddg.norm_bound / (ddg.clip_norm * ddg.scale),
         )
+
+    def accuses(self, node: int, content: RecordDict) -> bool:
+        """A mask reply that names senders whose shares did not authenticate instead of a
+        masked vector: the node leaves the round (it cannot hold their secrets) and the
+        senders are noted; two accusers make a sender the suspect of a failed round."""
+        rec = content.config_records.get(SECAGG)
+        if rec is None or BAD_SHARES not in rec:
+            return False
+        try:
+            senders = get_ids(rec, BAD_SHARES)
+        except SecAggError as err:
+            self.server.drop(node, str(err))
+            return True
+        for sender in senders:
+            self.accusations.setdefault(sender, set()).add(node)
+        self.server.drop(node, f"could not authenticate the shares of nodes {senders}")
+        return True
+
+    def suspects(self) -> frozenset[int]:
+        """Whom a retry of this failed round should leave out: nodes that failed on their own
+        (not those pruned for their neighbours' absence, not accusers), and each sender whose
+        shares two nodes could not authenticate (a single accusation names both sides)."""
+        server = self.server
+        accusers = {a for nodes in self.accusations.values() for a in nodes}
+        own = {
+            n
+            for nodes in server.dropped.values()
+            for n in nodes
+            if n not in server.pruned and n not in accusers
+        }
+        for sender, by in self.accusations.items():
+            own |= {sender} if len(by) >= 2 else {sender, *by}
+        return frozenset(own)
 
     def check_noise(self, ddg: DdgParams) -> None:
         """Distributed noise: refuse to unmask a sum holding fewer noise shares than the
@@ -424,6 +463,8 @@ class _SecureRound:
             self.grid, self.server, contents, "mask", self.train_timeout, stats
         ):
             learn_name(node, reply.content, self.plan.names)
+            if self.accuses(node, reply.content):
+                continue
             try:
                 masked, metrics, num_examples, train_loss = _check_masked(
                     reply.content, self.length

@@ -37,6 +37,18 @@ if TYPE_CHECKING:
     pass
 
 
+class BadShares(SecAggError):
+    """Shares from these senders do not authenticate or are mislabelled: the recipient names
+    them to the server instead of masking (it cannot hold their secrets)."""
+
+    def __init__(self, node: int, senders: Sequence[int]) -> None:
+        super().__init__(
+            f"node {node}: the share ciphertexts from nodes {list(senders)} do not authenticate "
+            "or are mislabelled (corrupted by the sender or in transit)"
+        )
+        self.senders = list(senders)
+
+
 @dataclass
 class SecAggClient:
     """One client's side of a SecAgg+ round; each stage is one method call.
@@ -120,8 +132,9 @@ class SecAggClient:
         """Decrypt and keep the shares neighbours sent; done before training, to fail fast.
 
         Raises:
-            SecAggError: a ciphertext from a non-neighbour, one that does not authenticate
-                (corrupted, or not encrypted for this node), or fewer than t share holders.
+            BadShares: ciphertexts that do not authenticate (corrupted, or not encrypted for
+                this node) or that name another sender or recipient, naming their senders.
+            SecAggError: a ciphertext from a non-neighbour, or fewer than t share holders.
         """
         self._expect("share", "mask")
         if len(ciphertexts) + 1 < self.params.threshold:
@@ -129,23 +142,22 @@ class SecAggClient:
                 f"node {self.node}: shares from {len(ciphertexts)} neighbours, fewer than the "
                 f"threshold {self.params.threshold} - 1"
             )
-        for src, ciphertext in ciphertexts.items():
+        bad = []
+        for src, ciphertext in sorted(ciphertexts.items()):
             if src == self.node or src not in self.keys:
                 raise SecAggError(f"node {self.node}: a share from node {src}, not a neighbour")
             try:
                 plaintext = decrypt(fernet_key(self.enc_key, self.keys[src][0]), ciphertext)
+                actual_src, dst, seed_share, key_share = share_keys_plaintext_separate(plaintext)
             except (InvalidToken, InvalidTag, ValueError):
-                raise SecAggError(
-                    f"node {self.node}: the share ciphertext from node {src} does not "
-                    "authenticate (corrupted in transit or not encrypted for this node)"
-                ) from None
-            actual_src, dst, seed_share, key_share = share_keys_plaintext_separate(plaintext)
+                bad.append(src)
+                continue
             if actual_src != src or dst != self.node:
-                raise SecAggError(
-                    f"node {self.node}: a share routed from node {src} says it is from node "
-                    f"{actual_src} to node {dst}"
-                )
+                bad.append(src)
+                continue
             self.seed_shares[src], self.key_shares[src] = seed_share, key_share
+        if bad:
+            raise BadShares(self.node, bad)
 
     def mask(self, vector: F32, rng: np.random.Generator | None = None) -> tuple[U64, int]:
         """Quantize ``vector`` and add PRG(b) and ±PRG(s_ij) for each share sender j, mod 2^64.

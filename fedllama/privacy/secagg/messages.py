@@ -22,6 +22,11 @@ MASKED = "masked"
 """ArrayRecord (and its one array) carrying a client's masked vector."""
 
 
+BAD_SHARES = "bad-shares-from"
+"""Mask-stage reply field (instead of a masked vector): the senders whose shares to this node
+did not authenticate."""
+
+
 CLIPPED = "secagg-clipped"
 """Metric: how many of the client's encoded values were clipped to ±clip_range."""
 
