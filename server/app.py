@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context
@@ -20,6 +21,7 @@ import strategies
 from fedllama import config as config_lib
 from fedllama.config import Config
 from fedllama.experiments import report
+from fedllama.merge import MergeStrategy
 from fedllama.runtime import setup_logging, stay_offline
 from fedllama.server.metrics import MetricsRow
 
@@ -30,6 +32,11 @@ stay_offline()  # before transformers is imported
 app = ServerApp()
 
 
+def _able(cfg: Config, accepts: Callable[[MergeStrategy], bool]) -> str:
+    """The registered strategies ``accepts`` admits under ``cfg``, for an error message."""
+    return ", ".join(n for n, build in sorted(strategies.REGISTRY.items()) if accepts(build(cfg)))
+
+
 def check(cfg: Config) -> None:
     """Checks that need the strategy registry (run before any model or data is loaded)."""
     strategy = strategies.build(cfg)
@@ -37,38 +44,35 @@ def check(cfg: Config) -> None:
         name = strategy.name
         if name == "flexlora":
             name += f" (strategy.flexlora_form={cfg.strategy.flexlora_form}; dense is summable)"
-        able = [n for n, build in sorted(strategies.REGISTRY.items()) if build(cfg).summable]
         raise config_lib.ConfigError(
             f"secagg.enabled: strategy {name} is a trusted-server rule: it needs each client's "
             "own encoding (summable = False), and secure aggregation shows the server only "
-            f"their sum; use a summable strategy ({', '.join(able)}) or secagg.enabled=false"
+            f"their sum; use a summable strategy ({_able(cfg, lambda s: s.summable)}) or "
+            "secagg.enabled=false"
         )
     mixed = sorted(set(cfg.lora.client_ranks) - {cfg.lora.r})
     if mixed and not strategy.mixed_ranks:
-        able = [n for n, build in sorted(strategies.REGISTRY.items()) if build(cfg).mixed_ranks]
         raise config_lib.ConfigError(
             f"lora.client_ranks: strategy {strategy.name} needs every client at lora.r="
             f"{cfg.lora.r}, but client_ranks has {mixed}; use a mixed-rank strategy "
-            f"({', '.join(able)})"
+            f"({_able(cfg, lambda s: s.mixed_ranks)})"
         )
     if cfg.dp.enabled and strategy.dp_refusal:
-        able = [n for n, build in sorted(strategies.REGISTRY.items()) if not build(cfg).dp_refusal]
         raise config_lib.ConfigError(
             f"dp.enabled: strategy {strategy.name} cannot be made differentially private: "
-            f"{strategy.dp_refusal}; use one of {', '.join(able)}"
+            f"{strategy.dp_refusal}; use one of {_able(cfg, lambda s: not s.dp_refusal)}"
         )
     if cfg.robust.combiner != "mean" and strategy.robust_refusal:
-        able = [n for n, b in sorted(strategies.REGISTRY.items()) if not b(cfg).robust_refusal]
         raise config_lib.ConfigError(
             f"robust.combiner: {cfg.robust.combiner} cannot stand in for strategy "
-            f"{strategy.name}'s merge: {strategy.robust_refusal}; use one of {', '.join(able)}"
+            f"{strategy.name}'s merge: {strategy.robust_refusal}; use one of "
+            f"{_able(cfg, lambda s: not s.robust_refusal)}"
         )
     if cfg.robust.bounded and strategy.dp_refusal:
-        able = [n for n, b in sorted(strategies.REGISTRY.items()) if not b(cfg).dp_refusal]
         raise config_lib.ConfigError(
             f"robust.norm_bound: strategy {strategy.name}'s encoding is not its weight times "
             f"the client's update, so the server cannot bound the update's norm: "
-            f"{strategy.dp_refusal}; use one of {', '.join(able)}"
+            f"{strategy.dp_refusal}; use one of {_able(cfg, lambda s: not s.dp_refusal)}"
         )
     if strategy.residual and (cfg.server.optimizer != "sgd" or cfg.server.lr != 1.0):
         raise config_lib.ConfigError(

@@ -171,6 +171,10 @@ def test_a_fixed_bound_clips_the_attacker_into_the_weighted_mean() -> None:
     assert record.robust is not None and list(record.robust["clipped"]) == ["101"]
     assert any("clipped node 101's update" in line for line in lines)
 
+    dropping = _round("robust.norm_bound=5.0 robust.over_bound=drop", updates, examples)
+    assert dropping.ok == 2 and dropping.robust is not None
+    assert dropping.robust["dropped"] == [101] and dropping.robust["clipped"] == {}
+
 
 def test_drop_leaves_the_attacker_out_of_the_mean_and_the_tally() -> None:
     updates = _np_updates(3)
@@ -206,7 +210,9 @@ def test_every_update_over_the_bound_leaves_the_round_without_a_delta_naming_why
     with logged() as lines:  # the mean streams: each reply is dropped as it arrives
         record = _round("robust.norm_bound=0.1 robust.over_bound=drop", updates, [1, 2, 3])
     assert record.delta is None and record.ok == 0 and record.dropped == 3
-    assert sum("over the bound 0.1 (robust.norm_bound=0.1)" in line for line in lines) == 3
+    assert (
+        record.robust is None
+    )  # no delta: the round has no bound summary    assert sum("over the bound 0.1 (robust.norm_bound=0.1)" in line for line in lines) == 3
 
     held = "robust.norm_bound=0.1 robust.over_bound=drop robust.combiner=median"
     with pytest.raises(RoundFailed, match="round 1: no update is left within the bound"):

@@ -134,6 +134,22 @@ def test_signed_keys_aggregate_and_an_outsider_is_dropped_at_the_key_stage(
     assert any("secagg setup: dropped node 102" in line for line in lines)
 
 
+def _replaying(seen: dict[str, object], *keys: str):  # type: ignore[no-untyped-def]
+    """A tamper hook: node 102's key-stage reply carries node 100's ``keys`` fields."""
+
+    def replay(pid: int, reply: Message) -> Message:
+        if reply.metadata.message_type.endswith("secagg_setup") and not reply.has_error():
+            fields = reply.content.config_records[SECAGG]
+            if pid == 0:
+                seen.update(fields)
+            elif pid == 2:
+                for key in keys:
+                    fields[key] = seen[key]
+        return reply
+
+    return replay
+
+
 def test_a_node_that_replays_anothers_signed_keys_is_named_and_the_rest_go_on(
     cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -141,16 +157,8 @@ def test_a_node_that_replays_anothers_signed_keys_is_named_and_the_rest_go_on(
     roster = ("hospital-a", "hospital-b", "hospital-c")
     cfg, node_config = _federation(tmp_path, cache_dir, names, *roster)
     seen: dict[str, object] = {}
-
-    def replay(pid: int, reply: Message) -> Message:
-        if reply.metadata.message_type.endswith("secagg_setup") and not reply.has_error():
-            fields = reply.content.config_records[SECAGG]
-            if pid == 0:
-                seen.update(fields)
-            elif pid == 2:  # node 102 advertises node 100's keys, signature and signer
-                for key in ("pk-enc", "pk-mask", "signature", "signer"):
-                    fields[key] = seen[key]
-        return reply
+    # node 102 advertises node 100's keys, signature and signer
+    replay = _replaying(seen, "pk-enc", "pk-mask", "signature", "signer")
 
     rows = run(InProcessGrid(3, replay, node_config), cfg)
 
@@ -162,16 +170,7 @@ def test_a_node_that_replays_anothers_signed_keys_is_named_and_the_rest_go_on(
 def test_without_a_roster_a_replayed_key_drops_both_nodes_and_the_round_goes_on(
     cache_dir: Path, tmp_path: Path
 ) -> None:
-    seen: dict[str, object] = {}
-
-    def replay(pid: int, reply: Message) -> Message:
-        if reply.metadata.message_type.endswith("secagg_setup") and not reply.has_error():
-            fields = reply.content.config_records[SECAGG]
-            if pid == 0:
-                seen.update(fields)
-            elif pid == 2:
-                fields["pk-enc"] = seen["pk-enc"]  # node 102 replays node 100's key
-        return reply
+    replay = _replaying({}, "pk-enc")  # node 102 replays node 100's key
 
     common = ("server.rounds=1", "output.plot=false", "secagg.enabled=true")
     six = ("simulation.num_clients=6", "data.partition=iid", "server.failed_round=stop")

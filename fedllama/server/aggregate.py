@@ -304,18 +304,17 @@ class BoundedCombiner:
         self.clipped: dict[int, float] = {}
         """Node -> its update's norm before it was clipped to the bound."""
         self.left_out: list[int] = []
+        self.refused: list[int] = []
+        """Nodes dropped over the bound as they arrived (streaming)."""
         self.bound = cfg.norm_bound if cfg.norm_bound > 0 else float("inf")
 
-    def _bounded(self, encoded: AdapterState, node: int, weight: float) -> AdapterState | None:
-        """The encoding within the round's bound (clipped), or None when it is dropped."""
+    def _bounded(self, encoded: AdapterState, node: int, weight: float) -> AdapterState | str:
+        """The encoding within the round's bound (clipped), or why it is dropped."""
         norm = robust_rules.update_norm(encoded, self.count_keys, weight)
         if not norm > self.bound:
             return encoded
         if self.cfg.over_bound == "drop":
-            self.rejected.append(
-                (node, f"update norm {norm:.4g} over the bound {self.bound:.4g} ({self._rule()})")
-            )
-            return None
+            return f"update norm {norm:.4g} over the bound {self.bound:.4g} ({self._rule()})"
         self.clipped[node] = norm
         log.info(
             "round %d: clipped node %d's update from norm %.4g to the bound %.4g",
@@ -340,8 +339,9 @@ class BoundedCombiner:
             self.held.append((node, weight, encoded))
             return
         bounded = self._bounded(encoded, node, weight)
-        if bounded is None:
-            raise ReplyError(self.rejected.pop()[1])
+        if isinstance(bounded, str):
+            self.refused.append(node)
+            raise ReplyError(bounded)  # dropped as it arrives
         self.acc.add(bounded)
 
     def result(self) -> AdapterState:
@@ -358,7 +358,9 @@ class BoundedCombiner:
             kept = []
             for node, weight, encoded in self.held:
                 bounded = self._bounded(encoded, node, weight)
-                if bounded is not None:
+                if isinstance(bounded, str):
+                    self.rejected.append((node, bounded))
+                else:
                     kept.append((node, weight, bounded))
             if self.cfg.combiner != "mean":
                 return self._robust(kept)
@@ -402,7 +404,7 @@ class BoundedCombiner:
             "bound": self.bound if self.bound != float("inf") else None,
             "over_bound": self.cfg.over_bound,
             "clipped": {str(n): norm for n, norm in self.clipped.items()},
-            "dropped": [n for n, _ in self.rejected],
+            "dropped": self.refused + [n for n, _ in self.rejected],
             "left_out": self.left_out,
         }
 
@@ -428,11 +430,10 @@ def collect(plan: RoundPlan, replies: Iterable[Message], record: RoundRecord) ->
     combiner = combiner_for(plan)
     for reply in replies:
         node = reply.metadata.src_node_id
-        if not reply.has_error():
-            learn_name(node, reply.content, plan.names)
         if reply.has_error():
             record.drop(node, f"error reply: {reply.error.reason}")
             continue
+        learn_name(node, reply.content, plan.names)
         try:
             valid = validate_reply(reply.content, plan.spec)
             check_cap(valid.num_examples, plan.max_examples)
