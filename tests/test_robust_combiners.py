@@ -210,9 +210,8 @@ def test_every_update_over_the_bound_leaves_the_round_without_a_delta_naming_why
     with logged() as lines:  # the mean streams: each reply is dropped as it arrives
         record = _round("robust.norm_bound=0.1 robust.over_bound=drop", updates, [1, 2, 3])
     assert record.delta is None and record.ok == 0 and record.dropped == 3
-    assert (
-        record.robust is None
-    )  # no delta: the round has no bound summary    assert sum("over the bound 0.1 (robust.norm_bound=0.1)" in line for line in lines) == 3
+    assert record.robust is None  # no delta: the round has no bound summary
+    assert sum("over the bound 0.1 (robust.norm_bound=0.1)" in line for line in lines) == 3
 
     held = "robust.norm_bound=0.1 robust.over_bound=drop robust.combiner=median"
     with pytest.raises(RoundFailed, match="round 1: no update is left within the bound"):
