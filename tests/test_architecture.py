@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "client": {"config", "data", "merge", "model", "privacy", "wire"},
     "server": {"config", "data", "merge", "model", "privacy", "wire"},
     "experiments": {"config", "server.metrics", "server.checkpoint"},
-    "cli": {"config", "data", "model", "deploy", "runtime", "server.checkpoint"},
+    "cli": {"config", "data", "model", "deploy", "runtime", "server.checkpoint", "experiments"},
 }
 APPS = ("server", "clients", "strategies")
 """The repository's other packages: only fedllama/cli.py (the composition root) imports them."""
@@ -115,3 +115,22 @@ def test_library_functions_are_small() -> None:
         and (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES  # type: ignore[operator]
     ]
     assert long == []
+
+
+def test_importing_the_apps_loads_no_model_library() -> None:
+    """Flower imports the ClientApp and the ServerApp in one process (``flwr run``): a model
+    library imported at module level would load before ``stay_offline()`` and race the
+    ServerApp thread's own import of it (a half-initialised ``transformers``)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, clients.app, server.app; "
+        "print(sorted(m for m in ('transformers', 'peft', 'datasets', 'bitsandbytes') "
+        "if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

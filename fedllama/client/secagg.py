@@ -22,7 +22,6 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedllama.client.settings import NodeSettings
 from fedllama.privacy.dp import distributed
 from fedllama.privacy.dp.distributed import I64, DdgParams, DistributedNoiseError
 from fedllama.privacy.secagg import identity
@@ -48,7 +47,7 @@ from fedllama.privacy.secagg.params import (
 from fedllama.wire.layout import Layout
 
 if TYPE_CHECKING:
-    pass
+    from fedllama.client.settings import NodeSettings
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +83,14 @@ def _round_of(client: SecAggClient, rec: Mapping[str, Any]) -> None:
         )
 
 
+def _node(context: Context) -> NodeSettings:
+    """This node's settings (imported here: ``fedllama.client.settings`` pulls in transformers,
+    which must not load when the ClientApp module is imported, before ``stay_offline``)."""
+    from fedllama.client.settings import NodeSettings
+
+    return NodeSettings.from_node_config(dict(context.node_config))
+
+
 def client_setup(msg: Message, context: Context) -> Message:
     """Stage 1 on a client: fresh keys for the round (any earlier round's state is replaced),
     signed with the node's ``secagg-signing-key`` when its node config names one."""
@@ -91,7 +98,7 @@ def client_setup(msg: Message, context: Context) -> Message:
     node = msg.metadata.dst_node_id
     client, (pk_enc, pk_mask) = SecAggClient.setup(node, params)
     _store(context, client)
-    path = NodeSettings.from_node_config(dict(context.node_config)).secagg_signing_key
+    path = _node(context).secagg_signing_key
     if not path:
         return _reply(msg, keys_reply(pk_enc, pk_mask))
     key = identity.load_signing_key(path)
@@ -128,7 +135,7 @@ def client_share(msg: Message, context: Context) -> Message:
     _round_of(client, rec)
     enc, mask = get_pairs(rec, "key-ids", "pk-enc"), get_pairs(rec, "key-ids", "pk-mask")
     keys = {n: (enc[n], mask[n]) for n in enc}
-    roster = NodeSettings.from_node_config(dict(context.node_config)).secagg_roster
+    roster = _node(context).secagg_roster
     if roster:
         check_neighbours(rec, keys, client.params.server_round, roster)
     ciphertexts, commitment = client.share(keys)
