@@ -34,6 +34,7 @@ bench: setup
 bench-strategies: setup
 	$(BIN)/python bench/flexlora.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/robust.py
 
 # Secure aggregation (SecAgg+) against the plain path: protocol at 5-50 clients, tiny round;
 # distributed DP noise against plain SecAgg+.

@@ -80,6 +80,9 @@ def simulate(cfg: config_lib.Config) -> int:
         },
         "init_args": {"include_dashboard": False, "logging_level": logging.ERROR},
     }
+    if cfg.simulation.ray_address:  # clients run on an existing cluster's workers
+        backend_config["init_args"]["address"] = cfg.simulation.ray_address
+        log.info("simulation: connecting to the Ray cluster at %s", cfg.simulation.ray_address)
     t0 = time.perf_counter()
     try:
         run_simulation(

@@ -572,8 +572,20 @@ class SimulationConfig:
     num_clients: int = 4
     client_cpus: float = 1.0
     client_gpus: float = 0.0
+    ray_address: str = ""
+    """An existing Ray cluster to run the clients on: its head's ``HOST:PORT`` (what
+    ``ray start --head`` prints) or ``auto``; empty starts a Ray instance on this machine.
+    Every node of the cluster needs this repository's environment and the model cache."""
 
     def __post_init__(self) -> None:
+        address = self.ray_address
+        _require(
+            not address
+            or address == "auto"
+            or (":" in address and address.rsplit(":", 1)[1].isdigit() and " " not in address),
+            "simulation.ray_address",
+            f"expected HOST:PORT of a Ray head (or auto), got {address!r}",
+        )
         _require(
             1 <= self.num_clients <= 10_000,
             "simulation.num_clients",

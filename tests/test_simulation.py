@@ -74,3 +74,44 @@ def test_simulate_with_mixed_ranks_per_strategy(
     assert sorted(c["lora-rank"] for c in rows[-1]["clients"]) == [2, 3, 4]
     for sub in ("rank-02", "rank-03"):
         assert (out / "round-002" / sub / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_simulate_runs_on_an_existing_ray_cluster(cache_dir: Path, tmp_path: Path) -> None:
+    """A Ray head started on loopback (`ray start --head`), the simulation's clients run on it
+    (its session directory holds their worker logs), then the head is stopped."""
+    import shutil
+    import tempfile
+
+    from tests.harness import free_port
+
+    port = free_port()
+    # the cluster's own session dir, not the default /tmp/ray (short: Ray's socket paths are
+    # limited to 107 characters)
+    ray_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    ray = str(Path(sys.executable).parent / "ray")
+    start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}"]
+    start += ["--num-cpus=2", "--include-dashboard=false", f"--temp-dir={ray_dir}"]
+    started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        out = tmp_path / "run"
+        cmd = [
+            sys.executable, "-m", "fedllama.cli", "simulate", str(TINY_YAML),
+            f"model.cache_dir={cache_dir}", f"output.dir={out}", "server.rounds=1",
+            "simulation.num_clients=2", f"simulation.ray_address=127.0.0.1:{port}",
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-4000:]
+        assert "1/1 rounds" in log and f"connecting to the Ray cluster at 127.0.0.1:{port}" in log
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["clients_ok"] == 2
+        workers = list(ray_dir.glob("session_*/logs/worker-*.out"))
+        assert workers, sorted(p.name for p in ray_dir.glob("session_*/logs/*"))[:20]
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(ray_dir, ignore_errors=True)
