@@ -5,6 +5,10 @@
     fedllama check    CONFIG [key=value ...]   validate a config and print it resolved
     fedllama credentials create|node-key ...   CA, SuperLink certificate, SuperNode keys
     fedllama deploy superlink|supernode|register ...   start a deployment over gRPC (TLS + auth)
+    fedllama generate ROUND_DIR --prompt TEXT    answer one prompt with a round's global model
+    fedllama chat     ROUND_DIR                  talk to it (lines from stdin, /exit to end)
+    fedllama export   ROUND_DIR OUT [--merged]   write it as a PEFT adapter or a merged model
+    fedllama leakage  RUN_DIR [--round N]        membership inference against a round's adapter
 
 ``simulate`` runs the same ServerApp and ClientApp that ``pyproject.toml`` declares for
 ``flwr run`` (``server.app:app``, ``clients.app:app``). This module is the composition root: the
@@ -20,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +109,135 @@ def simulate(cfg: config_lib.Config) -> int:
     return 0 if done >= cfg.server.rounds else 1
 
 
+ROUND_COMMANDS = ("generate", "chat", "export")
+"""Commands over a finished round directory; they take no fedllama config."""
+
+
+def _device(value: str) -> str:
+    if value in ("auto", "cpu", "cuda") or value.startswith("cuda:"):
+        return value
+    raise argparse.ArgumentTypeError(f"got {value!r}, expected auto, cpu, cuda or cuda:N")
+
+
+def _add_round_commands(sub: Any) -> None:
+    help_round = "a round directory, e.g. runs/demo/round-003"
+    gen = sub.add_parser("generate", help="answer one prompt with a round's global model")
+    gen.add_argument("round_dir", type=Path, help=help_round)
+    gen.add_argument("--prompt", required=True, help="the user's message")
+    chat = sub.add_parser("chat", help="talk to a round's global model (stdin, /exit to end)")
+    chat.add_argument("round_dir", type=Path, help=help_round)
+    for p in (gen, chat):
+        p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit")
+        p.add_argument("--device", type=_device, help="auto, cpu, cuda or cuda:N (default: run's)")
+    exp = sub.add_parser("export", help="write a round as a PEFT adapter or a merged model")
+    exp.add_argument("round_dir", type=Path, help=help_round)
+    exp.add_argument("out", type=Path, help="output directory (empty or new)")
+    exp.add_argument("--merged", action="store_true", help="merge the adapter into the base")
+    exp.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights' dtype")
+    exp.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+
+
+def _stdin_lines() -> Iterator[str]:
+    """Lines of stdin: read as they come when piped, with a prompt on a terminal."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
+    print("fedllama chat: one message per line; /exit or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            return
+
+
+def _round_command(args: argparse.Namespace) -> int:
+    """Run ``generate``, ``chat`` or ``export``; a bad round, base or output is one line on
+    stderr and exit code 2."""
+    from fedllama.model import ModelError, serve
+    from fedllama.model import export as export_lib
+    from fedllama.model.adapters import AdapterError
+
+    try:
+        source = serve.open_round(args.round_dir)
+        if args.command == "export":
+            write = export_lib.export_merged if args.merged else export_lib.export_adapter
+            out = write(source, args.out, args.dtype, args.force)
+            print(f"{'merged model' if args.merged else 'PEFT adapter'} written to {out}")
+            return 0
+        if args.max_new_tokens < 1:
+            raise serve.ServeError(f"--max-new-tokens: got {args.max_new_tokens}, expected >= 1")
+        model, tokenizer = serve.load_round_model(source, args.device)
+        system = source.system_prompt
+        if args.command == "generate":
+            messages = serve.conversation(system, [{"role": "user", "content": args.prompt}])
+            print(serve.answer(model, tokenizer, messages, args.max_new_tokens))
+        else:
+            serve.chat(model, tokenizer, _stdin_lines(), sys.stdout, system, args.max_new_tokens)
+        return 0
+    except (serve.ServeError, ModelError, AdapterError, config_lib.ConfigError, OSError) as err:
+        print(f"fedllama: {err}", file=sys.stderr)
+        return 2
+
+
+def _add_leakage_command(sub: Any) -> None:
+    p = sub.add_parser("leakage", help="membership inference against a round's global adapter")
+    p.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/demo")
+    p.add_argument("--round", type=int, help="the round to attack (default: the last)")
+    p.add_argument(
+        "--max-examples", type=int, default=200, help="members per client at most (default 200)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the balancing and the bootstrap")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (1000)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the run's)")
+
+
+def _leakage_command(args: argparse.Namespace) -> int:
+    """``fedllama leakage``: rebuild each client's members and non-members, measure them under
+    the round's global model and its base, print the table, write ``leakage-round-NNN.json``."""
+    from fedllama import data, model
+    from fedllama.experiments import leakage
+    from fedllama.model import likelihood, replay, serve
+
+    def progress(done: int, total: int) -> None:  # a line per 32 examples, and the last
+        if done == total or done // 32 > (done - cfg.train.eval_batch_size) // 32:
+            seconds = time.perf_counter() - started
+            log.info("leakage: measured %d/%d examples in %.0f s", done, total, seconds)
+
+    try:
+        if args.max_examples < 1 or args.resamples < 1:
+            raise leakage.LeakageError("--max-examples and --resamples must be >= 1")
+        run = leakage.open_run(args.run_dir, args.round)
+        cfg = run.cfg
+        lm, tok = serve.load_round_model(serve.open_round(run.round_dir), args.device)
+        cache = model.cache_root(cfg.model)
+        federation = data.build_federation(cfg.data, cfg.simulation.num_clients, cache)
+        clients = replay.membership(cfg, tok, federation, run.participation())
+        leakage.check_rebuilt(run, {c.client_id: c.train_size for c in clients})
+        picked = [
+            leakage.balance(c.members, c.non_members, args.max_examples, f"{args.seed}-{i}")
+            for i, c in enumerate(clients)
+        ]
+        flat = [x for members, non_members in picked for x in (*members, *non_members)]
+        log.info("leakage: measuring %d examples with and without the adapter", len(flat))
+        started = time.perf_counter()
+        stats = iter(likelihood.answer_stats(lm, tok, flat, cfg.train.eval_batch_size, progress))
+        samples = []
+        for c, (members, non_members) in zip(clients, picked, strict=True):
+            measured_m = [next(stats) for _ in members]  # flat's order: members, non-members
+            measured_n = [next(stats) for _ in non_members]
+            available = (len(c.members), len(c.non_members))
+            samples.append(
+                leakage.ClientSample(c.client_id, c.institutions, measured_m, measured_n, available)
+            )
+        report = leakage.build_report(run, samples, args.seed, args.resamples, args.max_examples)
+    except (leakage.LeakageError, serve.ServeError, model.ModelError, data.DataError) as err:
+        print(f"fedllama: {err}", file=sys.stderr)
+        return 2
+    print(leakage.format_report(report))
+    print(f"written: {leakage.write_report(report, run.directory, run.server_round)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedllama`` command."""
     parser = argparse.ArgumentParser(prog="fedllama", description=__doc__.split("\n\n")[0])
@@ -117,11 +251,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="YAML config, e.g. simulations/configs/demo.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. server.rounds=2")
     deploy_cli.add_commands(sub)  # these take no fedllama config
+    _add_round_commands(sub)
+    _add_leakage_command(sub)
     args = parser.parse_args(argv)
     stay_offline()
     setup_logging()
     if args.command in deploy_cli.COMMANDS:
         return deploy_cli.run_command(args)
+    if args.command in ROUND_COMMANDS:
+        return _round_command(args)
+    if args.command == "leakage":
+        return _leakage_command(args)
     try:
         cfg = _load_checked(args)
     except (config_lib.ConfigError, ValueError) as err:

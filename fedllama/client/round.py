@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from fedllama import data, model
 from fedllama.config import Config
 from fedllama.merge import AdapterState, MergeStrategy, frozen_key, robust
-from fedllama.model import adapters, train
+from fedllama.model import adapters, replay, train
 from fedllama.privacy.dp import privatize
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def run_round(
     frozen = merge.frozen(server_round)
     model.set_frozen(lora_model, frozen)
     eval_set = data.encode_all(tok, split.eval[: cfg.train.client_eval_size], cfg.data)
-    seed = cfg.data.seed + 1000 * server_round + client_id  # differs by round and client
+    seed = replay.round_seed(cfg.data.seed, server_round, client_id)  # leakage replays it
     result = _train(cfg, lora_model, tok, split, seed, f"client {client_id} round {server_round}")
     trained = adapters.get_adapter_state(lora_model)
     unsent = frozen | merge.local

@@ -54,9 +54,9 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def _batches(
+def batches(
     examples: Sequence[Encoded], batch_size: int, rng: random.Random
-) -> Any:  # an endless iterator of batches, reshuffled every epoch
+) -> Any:  # an endless iterator of batches, reshuffled every epoch (model.replay replays it)
     order: list[int] = []
     while True:
         if len(order) < batch_size:
@@ -97,14 +97,14 @@ def train_local(
     anchor = [p.detach().clone() for p in params] if cfg.fedprox_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    batches = _batches(examples, cfg.batch_size, random.Random(seed))
+    stream = batches(examples, cfg.batch_size, random.Random(seed))
     model.train()
     start = time.perf_counter()
     losses: list[float] = []
     tokens = 0
     for step in range(cfg.local_steps):
         for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in collate(next(batches), pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate(next(stream), pad_id).items()}
             tokens += int(batch["input_ids"].numel())
             loss = model(**batch).loss
             losses.append(float(loss.detach()))

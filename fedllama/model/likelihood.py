@@ -1,0 +1,90 @@
+"""Per-token likelihoods of examples' answers under a global model and under its base: what
+the membership-inference scores of ``fedllama.experiments.leakage`` are computed from.
+
+Only the answer tokens are measured (labels other than ``IGNORE_INDEX``), as training's loss
+counts them. The base is the same model with its adapter disabled (``disable_adapter``), so
+one model in memory serves both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedllama.data import IGNORE_INDEX, Encoded, collate
+from fedllama.model.train import model_device
+
+
+@dataclass
+class AnswerStats:
+    """One example's answer tokens (n of them) measured for membership inference."""
+
+    logprob: np.ndarray
+    """(n,) log p(x_t | x_<t) under the global model (base + adapter)."""
+    mean: np.ndarray
+    """(n,) mu_t = sum_z p(z | x_<t) log p(z | x_<t): the expected log-probability (Min-K%++)."""
+    std: np.ndarray
+    """(n,) the standard deviation of log p(z | x_<t) under p(. | x_<t)."""
+    base_logprob: np.ndarray
+    """(n,) log p(x_t | x_<t) under the base model alone (the reference)."""
+    text: str
+    """The answer tokens decoded, special tokens dropped (for the zlib ratio)."""
+
+
+def _token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """logits: (n, V) at the positions that predict ``targets`` (n,); returns log p(target),
+    the mean and the standard deviation of log p over the vocabulary, each (n,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    chosen = logp.gather(1, targets[:, None]).squeeze(1)
+    p = logp.exp()
+    mean = (p * logp).sum(-1)
+    var = ((p * logp * logp).sum(-1) - mean * mean).clamp_min(0.0)
+    return chosen, mean, var.sqrt()
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+@torch.no_grad()
+def answer_stats(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Encoded],
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[AnswerStats]:
+    """Measure every example's answer under ``model`` (a ``peft.PeftModel``) and under its
+    base (the adapter disabled), ``batch_size`` examples per forward pass.
+
+    Args:
+        progress: called as ``progress(done, total)`` after each batch.
+    """
+    device = model_device(model)
+    pad_id = int(tokenizer.pad_token_id)
+    model.eval()
+    out: list[AnswerStats] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logits = model(**inputs).logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+        with model.disable_adapter():
+            base_logits = model(**inputs).logits[:, :-1]
+        labels = batch["labels"][:, 1:]  # (B, T-1)
+        for i, example in enumerate(chunk):
+            mask = labels[i] != IGNORE_INDEX
+            targets = labels[i][mask]
+            chosen, mean, std = _token_stats(logits[i][mask], targets)
+            base, _, _ = _token_stats(base_logits[i][mask], targets)
+            answer = [t for t in example.labels if t != IGNORE_INDEX]
+            text = str(tokenizer.decode(answer, skip_special_tokens=True))
+            out.append(AnswerStats(_numpy(chosen), _numpy(mean), _numpy(std), _numpy(base), text))
+        if progress is not None:
+            progress(len(out), len(examples))
+    return out
