@@ -1,0 +1,361 @@
+"""The config sections that describe a run's model, data, training, strategy, server,
+simulation and output (``fedllama.config`` composes them with the privacy sections);
+each checks its own values in ``__post_init__`` and names the key it refuses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+MODEL_NAMES = ("tiny", "smollm2-135m")
+QUANTIZATIONS = ("nf4", "none")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+PARTITIONS = ("institution", "iid", "dirichlet")
+DATA_FIELDS = ("instruction", "input", "response", "messages", "institution")
+"""The fields an example is read from; ``data.columns`` maps them to a file's own column names."""
+LR_SCHEDULES = ("constant", "linear", "cosine")
+SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
+COMBINERS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
+OVER_BOUND = ("clip", "drop")
+FAILED_ROUND = ("retry", "skip", "stop")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, mistyped or out of range."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: str, key: str, allowed: Sequence[str]) -> None:
+    _require(value in allowed, key, f"got {value!r}, expected one of {', '.join(allowed)}")
+
+
+@dataclass
+class ModelConfig:
+    """Base model and its quantization."""
+
+    name: str = "smollm2-135m"
+    """``tiny`` (random 2-layer LLaMA, for tests) or ``smollm2-135m`` (embedded, real)."""
+    path: str | None = None
+    """Local Hugging Face model directory; when set it replaces ``name``."""
+    quantization: str = "nf4"
+    """``nf4`` (bitsandbytes 4-bit NF4, double quant = QLoRA) or ``none``."""
+    compute_dtype: str = "auto"
+    """NF4 compute dtype; ``auto`` = bfloat16 on a GPU that supports it, else float32."""
+    device: str = "auto"
+    """``auto`` (CUDA if present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    cache_dir: str = "~/.cache/fedllama"
+    """Converted and quantized base models and the demo data are cached here."""
+    seed: int = 0
+    """Initialisation seed of the ``tiny`` model."""
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            _one_of(self.name, "model.name", MODEL_NAMES)
+        else:
+            _require(bool(self.path.strip()), "model.path", "must be a directory, got ''")
+        _one_of(self.quantization, "model.quantization", QUANTIZATIONS)
+        _one_of(self.compute_dtype, "model.compute_dtype", COMPUTE_DTYPES)
+        _require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "model.device",
+            f"got {self.device!r}, expected auto, cpu, cuda or cuda:N",
+        )
+
+
+@dataclass
+class LoraConfig:
+    """LoRA settings, named exactly as ``peft.LoraConfig`` names them."""
+
+    r: int = 8
+    """Global LoRA rank (and every client's, unless ``client_ranks`` says otherwise)."""
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    bias: str = "none"
+    client_ranks: list[int] = field(default_factory=list)
+    """Simulation only: client p trains at rank ``client_ranks[p % len]`` (each <= r). A
+    deployment's SuperNode sets its rank with ``--node-config 'lora-rank=16'``. Not a peft key."""
+
+    def peft_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``peft.LoraConfig``."""
+        kwargs = asdict(self)
+        del kwargs["client_ranks"]
+        return kwargs
+
+    def at_rank(self, rank: int) -> LoraConfig:
+        """This config for a client of another rank, with ``lora_alpha`` scaled by rank/r.
+
+        Keeping peft's scale lora_alpha/r equal across ranks makes rank slot i mean the same on
+        every client, so slots can be averaged across ranks.
+        """
+        alpha = self.lora_alpha * rank / self.r
+        return replace(self, r=rank, lora_alpha=alpha, client_ranks=[])
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
+        _require(self.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        _require(
+            0.0 <= self.lora_dropout < 1.0,
+            "lora.lora_dropout",
+            f"must be in [0, 1), got {self.lora_dropout}",
+        )
+        _require(len(self.target_modules) > 0, "lora.target_modules", "must not be empty")
+        _one_of(self.bias, "lora.bias", ("none",))
+        for rank in self.client_ranks:
+            _require(
+                1 <= rank <= self.r,
+                "lora.client_ranks",
+                f"each rank must be in 1..lora.r={self.r}, got {rank}",
+            )
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and how they are split over clients."""
+
+    source: str = "demo"
+    """``demo`` (embedded federation), a local .jsonl/.csv/.parquet file, a directory saved by
+    ``datasets``' ``save_to_disk``, or a directory of those."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Our field (one of ``DATA_FIELDS``) -> the column that holds it in the user's data, e.g.
+    ``{instruction: prompt, response: completion}``. A field not named here is read from the
+    column of its own name (``response`` also from ``output``)."""
+    partition: str = "institution"
+    """``institution`` (one client per institution), ``iid`` or ``dirichlet``."""
+    dirichlet_alpha: float = 0.5
+    max_examples_per_institution: int = 600
+    """Cap on each demo institution's examples (ICD-10-CM alone has 46k codes)."""
+    eval_fraction: float = 0.1
+    """Share of each client's examples held out for its own evaluation."""
+    global_eval_size: int = 64
+    """Examples in the server's held-out global eval split (drawn from every institution)."""
+    max_seq_len: int = 128
+    system_prompt: str = "You are a helpful assistant."
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of(self.partition, "data.partition", PARTITIONS)
+        _require(
+            self.dirichlet_alpha > 0,
+            "data.dirichlet_alpha",
+            f"must be > 0, got {self.dirichlet_alpha}",
+        )
+        _require(
+            0.0 < self.eval_fraction < 1.0,
+            "data.eval_fraction",
+            f"must be in (0, 1), got {self.eval_fraction}",
+        )
+        _require(
+            self.max_examples_per_institution >= 10,
+            "data.max_examples_per_institution",
+            f"must be >= 10, got {self.max_examples_per_institution}",
+        )
+        _require(
+            self.global_eval_size >= 1,
+            "data.global_eval_size",
+            f"must be >= 1, got {self.global_eval_size}",
+        )
+        _require(
+            self.max_seq_len >= 16, "data.max_seq_len", f"must be >= 16, got {self.max_seq_len}"
+        )
+        self._check_columns()
+
+    def _check_columns(self) -> None:
+        for key, column in self.columns.items():
+            _require(
+                key in DATA_FIELDS,
+                f"data.columns.{key}",
+                f"unknown field; expected one of {', '.join(DATA_FIELDS)}",
+            )
+            _require(bool(column.strip()), f"data.columns.{key}", "must name a column, got ''")
+        by_column: dict[str, list[str]] = {}
+        for key, column in self.columns.items():
+            by_column.setdefault(column, []).append(key)
+        for column, (first, *others) in by_column.items():
+            _require(
+                not others,
+                f"data.columns.{others[0] if others else first}",
+                f"column {column!r} is already mapped to data.columns.{first}; "
+                "each field needs its own column",
+            )
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each client."""
+
+    local_steps: int = 8
+    """Optimizer steps per round (each of ``grad_accum`` micro-batches)."""
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Gradient clipping; 0 disables it."""
+    fedprox_mu: float = 0.0
+    """FedProx proximal term (mu/2)·||w - w_global||²; 0 = plain local SGD."""
+    eval_batch_size: int = 8
+    client_eval_size: int = 16
+    """Examples of its own eval split a client scores after training (0 = skip)."""
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("local_steps", "batch_size", "grad_accum", "eval_batch_size"):
+            value = getattr(self, key)
+            _require(value >= 1, f"train.{key}", f"must be >= 1, got {value}")
+        _require(
+            self.client_eval_size >= 0,
+            "train.client_eval_size",
+            f"must be >= 0, got {self.client_eval_size}",
+        )
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _one_of(self.lr_schedule, "train.lr_schedule", LR_SCHEDULES)
+        _require(
+            self.warmup_steps >= 0,
+            "train.warmup_steps",
+            f"must be >= 0, got {self.warmup_steps}",
+        )
+        for key in ("weight_decay", "max_grad_norm", "fedprox_mu"):
+            value = getattr(self, key)
+            _require(value >= 0, f"train.{key}", f"must be >= 0, got {value}")
+
+
+@dataclass
+class StrategyConfig:
+    """Merge strategy (see ``strategies/``); the name is checked against the registry."""
+
+    name: str = "fedavg"
+    flexlora_form: str = "dense"
+    """``flexlora`` only: ``dense`` (summable; clients send out×in products) or ``factored``
+    (trusted server; clients send their factors, the server never forms an out×in matrix)."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.flexlora_form, "strategy.flexlora_form", ("dense", "factored"))
+
+
+@dataclass
+class ServerConfig:
+    """Server rounds, optimizer and tolerance to bad replies."""
+
+    rounds: int = 3
+    optimizer: str = "sgd"
+    """``sgd``, ``avgm`` (FedAvgM), ``adam`` (FedAdam) or ``yogi`` (FedYogi)."""
+    lr: float = 1.0
+    """Server learning rate on the aggregated delta (sgd with lr 1 = plain FedAvg)."""
+    momentum: float = 0.9
+    """``avgm``'s momentum β."""
+    beta1: float = 0.9
+    """``adam``/``yogi`` first-moment decay."""
+    beta2: float = 0.99
+    """``adam``/``yogi`` second-moment decay."""
+    tau: float = 1e-3
+    """``adam``/``yogi`` adaptivity (ε); v starts at τ²."""
+    fraction_train: float = 1.0
+    min_replies: int = 1
+    """Good replies a round needs; fewer and the run stops, the last round kept."""
+    timeout_s: float = 3600.0
+    evaluate: bool = True
+    """Evaluate the global adapter on the global eval split after every round."""
+    max_examples: int = 0
+    """> 0: a reply declaring more examples than this is dropped (its weight would dominate the
+    average); 0: no cap (the declared count is still checked against the encoded weight)."""
+    reject_loss_factor: float = 0.0
+    """> 1: a round whose global adapter evaluates above this factor times the previous
+    round's eval loss is rejected (the previous adapter is kept and the run goes on); 0: off.
+    A non-finite adapter or eval loss is always rejected."""
+    failed_round: str = "retry"
+    """A round that produces no delta (fewer than ``min_replies`` good replies, secure
+    aggregation aborted, a sum that fails its checks): ``retry`` it without the nodes the
+    failure names, up to ``round_retries`` times, then skip it; ``skip`` it (the global
+    adapter stays, the run goes on); or ``stop`` the run (a resume redoes the round)."""
+    round_retries: int = 1
+    """``failed_round=retry``: attempts after the first before the round is skipped."""
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "server.rounds", f"must be >= 1, got {self.rounds}")
+        _require(
+            self.max_examples >= 0,
+            "server.max_examples",
+            f"must be >= 0 (0 = no cap), got {self.max_examples}",
+        )
+        _require(
+            self.reject_loss_factor == 0 or self.reject_loss_factor > 1,
+            "server.reject_loss_factor",
+            f"must be 0 (off) or > 1, got {self.reject_loss_factor}",
+        )
+        _one_of(self.optimizer, "server.optimizer", SERVER_OPTIMIZERS)
+        _one_of(self.failed_round, "server.failed_round", FAILED_ROUND)
+        _require(
+            self.round_retries >= 0,
+            "server.round_retries",
+            f"must be >= 0, got {self.round_retries}",
+        )
+        _require(self.lr > 0, "server.lr", f"must be > 0, got {self.lr}")
+        for key in ("momentum", "beta1", "beta2"):
+            value = getattr(self, key)
+            _require(0.0 <= value < 1.0, f"server.{key}", f"must be in [0, 1), got {value}")
+        _require(self.tau > 0, "server.tau", f"must be > 0, got {self.tau}")
+        _require(
+            0.0 < self.fraction_train <= 1.0,
+            "server.fraction_train",
+            f"must be in (0, 1], got {self.fraction_train}",
+        )
+        _require(
+            self.min_replies >= 1, "server.min_replies", f"must be >= 1, got {self.min_replies}"
+        )
+        _require(self.timeout_s > 0, "server.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class SimulationConfig:
+    """Flower simulation engine (Ray) settings."""
+
+    num_clients: int = 4
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    ray_address: str = ""
+    """An existing Ray cluster to run the clients on: its head's ``HOST:PORT`` (what
+    ``ray start --head`` prints) or ``auto``; empty starts a Ray instance on this machine.
+    Every node of the cluster needs this repository's environment and the model cache."""
+
+    def __post_init__(self) -> None:
+        address = self.ray_address
+        _require(
+            not address
+            or address == "auto"
+            or (":" in address and address.rsplit(":", 1)[1].isdigit() and " " not in address),
+            "simulation.ray_address",
+            f"expected HOST:PORT of a Ray head (or auto), got {address!r}",
+        )
+        _require(
+            1 <= self.num_clients <= 10_000,
+            "simulation.num_clients",
+            f"must be in [1, 10000], got {self.num_clients}",
+        )
+        _require(
+            self.client_cpus > 0,
+            "simulation.client_cpus",
+            f"must be > 0, got {self.client_cpus}",
+        )
+        _require(
+            self.client_gpus >= 0,
+            "simulation.client_gpus",
+            f"must be >= 0, got {self.client_gpus}",
+        )
+
+
+@dataclass
+class OutputConfig:
+    """Where round adapters, metrics and plots go."""
+
+    dir: str = "runs/demo"
+    plot: bool = True
