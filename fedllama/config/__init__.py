@@ -211,6 +211,20 @@ def _explain(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}"
 
 
+def _build(layers: list[Any]) -> Config:
+    """The typed Config from OmegaConf layers (schema, file, overrides); a bad key or value
+    is a ConfigError naming it (a section's own check is re-raised as it was)."""
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(_explain(err)) from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load a config: defaults, then the YAML at ``path``, then ``key=value`` overrides.
 
@@ -244,18 +258,7 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
             raise ConfigError(f"override {item!r} is not of the form key=value")
     if overrides:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
-    try:
-        merged = OmegaConf.merge(*layers)
-        cfg = OmegaConf.to_object(merged)
-    except ConfigError:
-        raise
-    except OmegaConfBaseException as err:
-        cause = err.__cause__ or err.__context__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise ConfigError(_explain(err)) from None
-    assert isinstance(cfg, Config)
-    return cfg
+    return _build(layers)
 
 
 def to_yaml(cfg: Config) -> str:
@@ -284,15 +287,7 @@ def from_yaml(text: str, overrides: Sequence[str] = ()) -> Config:
     layers = [OmegaConf.structured(Config), OmegaConf.create(data)]
     if overrides:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
-    try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
-    except OmegaConfBaseException as err:
-        cause = err.__cause__ or err.__context__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise ConfigError(_explain(err)) from None
-    assert isinstance(cfg, Config)
-    return cfg
+    return _build(layers)
 
 
 def _refuse_interpolations(value: Any, key: str) -> None:
