@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast lint typecheck bench bench-strategies bench-secagg clean
+.PHONY: setup demo test test-fast lint typecheck bench bench-strategies bench-secagg bench-codecs clean
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) scripts/setup.sh
@@ -41,6 +41,10 @@ bench-strategies: setup
 bench-secagg: setup
 	$(BIN)/python bench/secagg.py
 	$(BIN)/python bench/distributed_dp.py
+
+# Update codecs (wire.codec) on the demo federation: bytes per client against eval loss (~30 min).
+bench-codecs: setup
+	$(BIN)/python bench/codecs.py
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -12,6 +12,7 @@ from typing import cast
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedllama import progress
 from fedllama.client import secagg
 from fedllama.privacy.secagg import ACTIONS
 from fedllama.runtime import setup_logging, stay_offline
@@ -31,19 +32,22 @@ def train(msg: Message, context: Context) -> Message:
     from fedllama.client.settings import NodeSettings, client_state_path, load_split
     from fedllama.config import from_yaml
     from fedllama.merge import residual_view
+    from fedllama.model.replay import round_seed
+    from fedllama.wire import codecs
     from fedllama.wire.records import (
         ARRAYS,
         CONFIG,
         CONFIG_YAML,
         DP_CLIP_NORM,
         METRICS,
+        NUM_EXAMPLES,
         ROUND,
         from_record,
-        to_record,
     )
 
     setup_logging()
     settings = msg.content.config_records[CONFIG]
+    progress.mark_started(int(str(settings[ROUND])), context.node_id)  # a simulation's view
     node = NodeSettings.from_node_config(dict(context.node_config))
     run_cfg = from_yaml(str(settings[CONFIG_YAML]))
     cfg = node.apply(run_cfg)
@@ -56,21 +60,21 @@ def train(msg: Message, context: Context) -> Message:
     global_state = from_record(msg.content.array_records[ARRAYS])
     view = merge.client_view(global_state, rank)
     residual = residual_view(merge, global_state, rank)
-    result = run_round(
-        cfg,
-        merge,
-        view,
-        split,
-        server_round=int(str(settings[ROUND])),
-        # the partition in a simulation, the node id in a deployment: seeds differ per client
-        client_id=node.partition_id if node.partition_id is not None else context.node_id,
-        rank=rank,
-        state_path=client_state_path(cfg, node),  # under this node's own cache-dir
-        residual=residual,
+    server_round = int(str(settings[ROUND]))
+    # the partition in a simulation, the node id in a deployment: seeds differ per client
+    client_id = node.partition_id if node.partition_id is not None else context.node_id
+    state_path = client_state_path(cfg, node)  # under this node's own cache-dir
+    result = run_round(cfg, merge, view, split, server_round, client_id, rank, state_path, residual)
+    arrays = codecs.encode_update(
+        codecs.build(cfg.wire.codec, cfg.wire.topk_fraction),
+        result.encoded,
+        merge.count_keys,
+        weight=float(result.metrics[NUM_EXAMPLES]),
+        seed=round_seed(cfg.data.seed, server_round, client_id),
+        feedback=codecs.feedback_path(state_path),
     )
     metrics = MetricRecord(dict(result.metrics.items()))  # type: ignore[arg-type]
-    content = RecordDict({ARRAYS: to_record(result.encoded), METRICS: metrics})
-    return Message(content=content, reply_to=msg)
+    return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
 
 
 # Secure aggregation (fedllama.privacy.secagg): one handler per SecAgg+ stage; the round's secrets

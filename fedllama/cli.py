@@ -9,6 +9,9 @@
     fedllama chat     ROUND_DIR                  talk to it (lines from stdin, /exit to end)
     fedllama export   ROUND_DIR OUT [--merged]   write it as a PEFT adapter or a merged model
     fedllama leakage  RUN_DIR [--round N]        membership inference against a round's adapter
+    fedllama canaries RUN_DIR [--rounds all]     canaries' exposure, an empirical ε lower bound
+    fedllama sweep    SWEEP.yaml [key=value ...]  a grid of overrides x seeds, resumable
+    fedllama report   RUN_DIR                    the run's report.md (written after every run too)
 
 ``simulate`` runs the same ServerApp and ClientApp that ``pyproject.toml`` declares for
 ``flwr run`` (``server.app:app``, ``clients.app:app``). This module is the composition root: the
@@ -19,20 +22,31 @@ needs them, so ``credentials`` and ``deploy`` start without torch or Flower's ap
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import tempfile
 import time
+import traceback
+from argparse import SUPPRESS
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fedllama import config as config_lib
+from fedllama import progress
+from fedllama.console import LiveView, RunLog, plain_lines
 from fedllama.deploy import cli as deploy_cli
-from fedllama.runtime import setup_logging, stay_offline
+from fedllama.errors import UserError
+from fedllama.experiments import report as report_lib
+from fedllama.experiments import sweep as sweep_lib
+from fedllama.runtime import quiet_libraries, setup_logging, stay_offline
 
 log = logging.getLogger("fedllama.cli")
+
+RUN_LOG = "run.log"
+"""In the output directory: every line the libraries printed during ``fedllama simulate``."""
 
 
 def _load_checked(args: argparse.Namespace) -> config_lib.Config:
@@ -44,16 +58,17 @@ def _load_checked(args: argparse.Namespace) -> config_lib.Config:
 
 
 def prepare(cfg: config_lib.Config) -> None:
-    """Build every on-disk cache a run needs (base model, NF4 base, demo data) up front.
+    """Build every on-disk cache a run needs (demo data, base model, NF4 base) up front.
 
-    Done once in the launching process so that simulated clients never race to build them.
+    Done once in the launching process so that simulated clients never race to build them. The
+    data comes first: a file with no usable rows is found before minutes of model building.
     """
     from fedllama import data, model
 
     t0 = time.perf_counter()
+    pool = data.load_pool(cfg.data, model.cache_root(cfg.model))
     base_dir = model.resolve_base_dir(cfg.model)
     model.get_lora_model(cfg)
-    pool = data.load_pool(cfg.data, model.cache_root(cfg.model))
     log.info(
         "prepared %s (%s) and %d examples from %d institutions in %.1f s",
         base_dir,
@@ -64,41 +79,76 @@ def prepare(cfg: config_lib.Config) -> None:
     )
 
 
-def simulate(cfg: config_lib.Config) -> int:
-    """Run the federation on Flower's simulation engine (Ray); return a process exit code."""
+def preflight(cfg: config_lib.Config) -> None:
+    """What can be refused before anything is built: an output directory that holds a different
+    run, TensorBoard asked for but not installed."""
+    from fedllama.server import checkpoint, tensorboard
+
+    checkpoint.check_resumable(Path(cfg.output.dir), cfg)
+    if cfg.output.tensorboard:
+        tensorboard.require()
+
+
+def _view(cfg: config_lib.Config, run_log: RunLog, verbose: bool, live_dir: Path) -> Any:
+    """How the run shows: with ``-v`` everything as it comes (``run.log`` is echoed); on a
+    terminal the live view; elsewhere fedllama's plain lines."""
+    if verbose:
+        return contextlib.nullcontext()
+    if run_log.out.isatty():
+        title = (
+            f"fedllama simulate: {cfg.strategy.name}, {cfg.simulation.num_clients} clients, "
+            f"{cfg.output.dir}  (library output: {cfg.output.dir}/run.log)"
+        )
+        return LiveView(run_log.out, cfg.server.rounds, title, live_dir)
+    return plain_lines(run_log.err)
+
+
+def simulate(cfg: config_lib.Config, verbose: bool = False) -> int:
+    """Run the federation on Flower's simulation engine (Ray); return a process exit code.
+
+    Everything libraries print (Flower, Ray's workers, transformers, warnings) goes to
+    ``<output.dir>/run.log``; the terminal shows the live view (or plain lines, or, with
+    ``verbose``, everything).
+    """
     from flwr.simulation import run_simulation
 
     import clients.app
     import server.app
     from fedllama.server import checkpoint
 
-    prepare(cfg)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        fh.write(config_lib.to_yaml(cfg))
-    os.environ["FEDLLAMA_CONFIG"] = fh.name
-    os.environ.pop("FEDLLAMA_OVERRIDES", None)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray tip per actor
-    backend_config: Any = {
-        "client_resources": {
-            "num_cpus": cfg.simulation.client_cpus,
-            "num_gpus": cfg.simulation.client_gpus,
-        },
-        "init_args": {"include_dashboard": False, "logging_level": logging.ERROR},
-    }
-    if cfg.simulation.ray_address:  # clients run on an existing cluster's workers
-        backend_config["init_args"]["address"] = cfg.simulation.ray_address
-        log.info("simulation: connecting to the Ray cluster at %s", cfg.simulation.ray_address)
+    preflight(cfg)
+    out = Path(cfg.output.dir)
     t0 = time.perf_counter()
-    try:
+    with (
+        RunLog(out / RUN_LOG, echo=verbose) as run_log,
+        tempfile.TemporaryDirectory(prefix="fedllama-live-") as live_dir,
+        _view(cfg, run_log, verbose, Path(live_dir)),
+        tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh,
+    ):
+        prepare(cfg)
+        fh.write(config_lib.to_yaml(cfg))
+        fh.flush()
+        os.environ["FEDLLAMA_CONFIG"] = fh.name
+        os.environ.pop("FEDLLAMA_OVERRIDES", None)
+        os.environ[progress.LIVE_DIR_ENV] = live_dir  # Ray's workers inherit it
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # a Ray tip per actor
+        backend_config: Any = {
+            "client_resources": {
+                "num_cpus": cfg.simulation.client_cpus,
+                "num_gpus": cfg.simulation.client_gpus,
+            },
+            "init_args": {"include_dashboard": False, "logging_level": logging.ERROR},
+        }
+        if cfg.simulation.ray_address:  # clients run on an existing cluster's workers
+            backend_config["init_args"]["address"] = cfg.simulation.ray_address
+            log.info("simulation: connecting to the Ray cluster at %s", cfg.simulation.ray_address)
         run_simulation(
             server_app=server.app.app,
             client_app=clients.app.app,
             num_supernodes=cfg.simulation.num_clients,
             backend_config=backend_config,
         )
-    finally:
-        os.unlink(fh.name)
-    out = Path(cfg.output.dir)
+        os.environ.pop(progress.LIVE_DIR_ENV, None)
     done = checkpoint.last_round(out) or 0
     print(
         f"{done}/{cfg.server.rounds} rounds in {time.perf_counter() - t0:.0f} s; "
@@ -106,6 +156,9 @@ def simulate(cfg: config_lib.Config) -> int:
     )
     if (out / "loss.png").is_file():
         print(f"plot: {out / 'loss.png'}")
+    print(f"library output (Flower, Ray, transformers): {out / RUN_LOG}")
+    if done < cfg.server.rounds:
+        print(f"fedllama: the run stopped early; see {out / RUN_LOG}", file=sys.stderr)
     return 0 if done >= cfg.server.rounds else 1
 
 
@@ -238,6 +291,77 @@ def _leakage_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_canaries_command(sub: Any) -> None:
+    p = sub.add_parser("canaries", help="canaries' exposure and an empirical ε lower bound")
+    p.add_argument("run_dir", type=Path, help="a run made with data.canary.count > 0")
+    p.add_argument("--rounds", default="last", help="last (default), all, or e.g. 0,1,3")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the run's)")
+
+
+def _canary_rounds(run_dir: Path, wanted: str) -> list[int]:
+    from fedllama.server import checkpoint
+
+    last = checkpoint.last_round(run_dir)
+    if last is None:
+        raise config_lib.ConfigError(
+            f"{run_dir} holds no finished round", hint="pass a run's output.dir (e.g. runs/demo)"
+        )
+    if wanted in ("last", "all"):
+        return [last] if wanted == "last" else list(range(last + 1))
+    try:
+        rounds = sorted({int(r) for r in wanted.split(",")})
+    except ValueError:
+        rounds = [-1]
+    if not all(0 <= r <= last for r in rounds):
+        raise config_lib.ConfigError(
+            f"--rounds {wanted!r}: rounds 0..{last} are on disk", hint="e.g. --rounds all"
+        )
+    return rounds
+
+
+def _canaries_command(args: argparse.Namespace) -> int:
+    """``fedllama canaries``: each round's exposure of the inserted canaries, the held-out
+    ones as the baseline, the one-run ε lower bound beside the accountant's ε."""
+    from fedllama import data
+    from fedllama.data import canaries as canary_data
+    from fedllama.experiments import canaries
+    from fedllama.model import likelihood, serve
+    from fedllama.server.checkpoint import round_dir
+    from fedllama.server.metrics import read_rows
+
+    cfg = config_lib.from_yaml((args.run_dir / "config.yaml").read_text())
+    spec = cfg.data.canary
+    if not spec.count:
+        raise config_lib.ConfigError(
+            f"{args.run_dir} was run without canaries (data.canary.count=0)",
+            hint="run it with data.canary.count=20 (and data.canary.repeats, data.canary.client)",
+        )
+    rows = {r.round: r for r in read_rows(args.run_dir)}
+    candidates = canary_data.candidates(spec)
+    for server_round in _canary_rounds(args.run_dir, args.rounds):
+        source = serve.open_round(round_dir(args.run_dir, server_round))
+        lm, tok = serve.load_round_model(source, args.device)
+        examples = [
+            c.example(secret)
+            for c in candidates
+            for secret in (c.secret, *canary_data.references(spec, c))
+        ]
+        encoded = data.encode_all(tok, examples, cfg.data)
+        if len(encoded) != len(examples):  # a canary is a few dozen tokens: never cut
+            raise data.DataError(f"data.max_seq_len={cfg.data.max_seq_len} cuts a canary")
+        stats = likelihood.answer_stats(lm, tok, encoded, cfg.train.eval_batch_size)
+        losses = [-float(s.logprob.sum()) for s in stats]
+        step = 1 + spec.references
+        report = canaries.measure(
+            [(c.inserted, losses[i * step], losses[i * step + 1 : (i + 1) * step])
+             for i, c in enumerate(candidates)],
+            rows[server_round].dp if server_round in rows else None,
+        )  # fmt: skip
+        print(canaries.format_line(server_round, report))
+        canaries.write(report, args.run_dir, server_round)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedllama`` command."""
     parser = argparse.ArgumentParser(prog="fedllama", description=__doc__.split("\n\n")[0])
@@ -253,27 +377,60 @@ def main(argv: list[str] | None = None) -> int:
     deploy_cli.add_commands(sub)  # these take no fedllama config
     _add_round_commands(sub)
     _add_leakage_command(sub)
+    _add_canaries_command(sub)
+    sweep_lib.add_sweep_command(sub)
+    report_lib.add_report_command(sub)
+    verbose = "show tracebacks, and every library's output as it comes (simulate)"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose)
+    for command in sub.choices.values():  # after the command too: fedllama simulate X -v
+        command.add_argument("-v", "--verbose", action="store_true", default=SUPPRESS, help=verbose)
     args = parser.parse_args(argv)
     stay_offline()
     setup_logging()
+    try:
+        return _run_command(args)
+    except UserError as err:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"fedllama: {err}", file=sys.stderr)
+        if err.hint:
+            print(f"fedllama: to fix: {err.hint}", file=sys.stderr)
+        return 2
+
+
+def _run_command(args: argparse.Namespace) -> int:
     if args.command in deploy_cli.COMMANDS:
         return deploy_cli.run_command(args)
+    if args.command in (*ROUND_COMMANDS, "leakage", "canaries") and not args.verbose:
+        quiet_libraries()  # their output is the answer; simulate keeps the chatter in run.log
+        if args.command in ROUND_COMMANDS:  # and the answer alone: no "base model loaded"
+            logging.getLogger("fedllama").setLevel(logging.WARNING)
     if args.command in ROUND_COMMANDS:
         return _round_command(args)
     if args.command == "leakage":
         return _leakage_command(args)
+    if args.command == "canaries":
+        return _canaries_command(args)
+    if args.command == "sweep":
+        from server.app import check
+
+        return sweep_lib.sweep_command(args, check=check)
+    if args.command == "report":
+        return report_lib.report_command(args)
     try:
         cfg = _load_checked(args)
-    except (config_lib.ConfigError, ValueError) as err:
-        print(f"fedllama: config error: {err}", file=sys.stderr)
-        return 2
+    except config_lib.ConfigError:
+        raise
+    except ValueError as err:
+        raise config_lib.ConfigError(str(err)) from err
     if args.command == "check":
         print(config_lib.to_yaml(cfg), end="")
         return 0
     if args.command == "prepare":
+        preflight(cfg)
         prepare(cfg)
         return 0
-    return simulate(cfg)
+    return simulate(cfg, args.verbose)
 
 
 if __name__ == "__main__":

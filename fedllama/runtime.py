@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import warnings
+from typing import Any
 
 
 def stay_offline() -> None:
@@ -17,12 +20,40 @@ def stay_offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is logged (a test's capture, a run's
+    redirection), not to the stream that was there when the handler was made."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Send fedllama's log lines to stderr once per process (Ray actors included)."""
     logger = logging.getLogger("fedllama")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s fedllama %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(os.environ.get("FEDLLAMA_LOG_LEVEL", level))
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter off a command's output (``-v`` keeps it): transformers' weight
+    loading bars and advisories, bitsandbytes' note on optional CPU kernels, and deprecation and
+    future warnings of the libraries we call (ours are not theirs to fix by a user). Call before
+    the libraries are imported."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for name in ("transformers", "bitsandbytes", "peft", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)

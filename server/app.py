@@ -74,12 +74,28 @@ def check(cfg: Config) -> None:
             f"the client's update, so the server cannot bound the update's norm: "
             f"{strategy.dp_refusal}; use one of {_able(cfg, lambda s: not s.dp_refusal)}"
         )
+    _check_adapter(cfg, strategy)
     if strategy.residual and (cfg.server.optimizer != "sgd" or cfg.server.lr != 1.0):
         raise config_lib.ConfigError(
             f"server.optimizer: strategy {strategy.name} is exact (each round's merged update is "
             f"folded into a frozen residual adapter), which a server optimizer step would break; "
             f"it needs server.optimizer=sgd and server.lr=1.0, got {cfg.server.optimizer} with "
             f"lr {cfg.server.lr}"
+        )
+
+
+def _check_adapter(cfg: Config, strategy: MergeStrategy) -> None:
+    """DoRA and rsLoRA against the strategy (docs/adapters.md)."""
+    if cfg.lora.use_dora and strategy.dora_refusal:
+        raise config_lib.ConfigError(
+            f"lora.use_dora: strategy {strategy.name} cannot merge DoRA's magnitude vectors: "
+            f"{strategy.dora_refusal}; use one of {_able(cfg, lambda s: not s.dora_refusal)}"
+        )
+    if cfg.lora.use_rslora and strategy.residual:
+        raise config_lib.ConfigError(
+            f"lora.use_rslora: strategy {strategy.name} saves each round's residual folded into "
+            "one adapter at peft scale 1 (r = lora_alpha = its width), which rsLoRA would rescale "
+            "by √width; use lora.use_rslora=false with it"
         )
 
 
@@ -98,13 +114,18 @@ def load_run_config(run_config: dict[str, object]) -> Config:
 
 
 def serve(grid: Grid, cfg: Config) -> list[MetricsRow]:
-    """Run or resume the rounds, then plot and summarise them; the metrics rows."""
+    """Run or resume the rounds, then write the run's report (``report.md``, its plots) and
+    summarise them; the metrics rows."""
     from fedllama.server.loop import run_server  # imports transformers: after stay_offline()
 
     rows = run_server(grid, cfg, strategies.build(cfg))
     out = Path(cfg.output.dir)
-    if cfg.output.plot:
-        report.plot_losses(rows, out / "loss.png", title=f"fedllama: {cfg.strategy.name}")
+    try:  # the rounds are saved: a report that cannot be written does not fail the run
+        written = report.write_run_report(out, plots=cfg.output.plot)
+    except (OSError, ValueError) as err:
+        log.warning("no report written (%s); `fedllama report %s` retries it", err, out)
+    else:
+        log.info("report: %s", written)
     log.info("finished; metrics in %s\n%s", out / "metrics.jsonl", report.summary(rows))
     return rows
 

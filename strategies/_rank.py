@@ -1,7 +1,8 @@
 """Rank bookkeeping shared by the heterogeneous-rank strategies (plain torch).
 
 Shapes follow peft: ``lora_A.weight`` is (r, in_features), ``lora_B.weight`` is (out_features, r).
-Rank slot i is row i of A together with column i of B.
+Rank slot i is row i of A together with column i of B. DoRA's magnitude vectors (m:
+(out_features,), Liu et al., ICML 2024) have no slots: every client owns all of m.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from fedllama.config import Config
 from fedllama.merge import AdapterState, MergeError, is_a, is_b, pad, rank_of
+from fedllama.merge.lora import is_magnitude
 
 
 def module_of(key: str) -> str:
@@ -51,7 +53,9 @@ class SlotAveraged:
     The global state is the adapter at the global rank R (``lora.r``); client k's view is its
     first r_k slots. A client encodes ``w_k·Δ_k`` zero-padded to R plus a weighted slot mask;
     the server divides the summed slot i by the summed mask at i, so each slot is the weighted
-    mean over the clients that own it. Factors a client did not send get a zero delta.
+    mean over the clients that own it. Factors a client did not send get a zero delta. A DoRA
+    magnitude vector is owned by every client, so it is divided by the total weight (the weight
+    on slot 0, which every client owns): the example-weighted mean of the magnitudes.
     Subclasses choose which factors are frozen in which round.
     """
 
@@ -63,6 +67,7 @@ class SlotAveraged:
     count_keys: ClassVar[frozenset[str]] = frozenset({SLOT_WEIGHT})
     dp_refusal: ClassVar[str] = ""
     robust_refusal: ClassVar[str] = ""
+    dora_refusal: ClassVar[str] = ""
 
     def __init__(self, cfg: Config) -> None:
         self.global_rank = cfg.lora.r
@@ -111,6 +116,8 @@ class SlotAveraged:
                 out[key] = summed[key] * inverse[:, None]  # A: (R, in); scale row i
             elif is_b(key):
                 out[key] = summed[key] * inverse[None, :]  # B: (out, R); scale column i
+            elif is_magnitude(key):
+                out[key] = summed[key] * inverse[0]  # m: (out,); every client owns slot 0
             else:
                 raise MergeError(f"{key}: {self.name} merges only LoRA A and B weights")
         return out
@@ -132,6 +139,10 @@ class SendsFactors(SlotAveraged):
     robust_refusal: ClassVar[str] = (
         "it is a trusted-server rule that merges each client's trained factors non-linearly; "
         "a coordinate-wise statistic of them is not the rule's merge"
+    )
+    dora_refusal: ClassVar[str] = (
+        "it is a trusted-server rule that merges each client's product B_k A_k, and under DoRA "
+        "a client's update is not s·B_k A_k but m_k (W0 + s·B_k A_k) / ‖W0 + s·B_k A_k‖"
     )
 
     def encode(

@@ -1,7 +1,8 @@
 """Exact aggregation with a frozen residual adapter (shared by FLoRA and FedEx-LoRA).
 
-Shapes follow peft: A: (r, in), B: (out, r); s = lora_alpha / r is peft's scale, equal for every
-client rank (``LoraConfig.at_rank``). Client k starts from the global model
+Shapes follow peft: A: (r, in), B: (out, r); s = lora_alpha / r is peft's scale (lora_alpha / √r
+under rsLoRA, Kalajdzievski 2023), equal for every client rank (``LoraConfig.at_rank``). Client
+k starts from the global model
 
     W_k = W0 + R + s·B[:, :r_k] A[:r_k] + T_k,     T_k = s·B[:, r_k:] A[r_k:]
 
@@ -37,10 +38,14 @@ class ResidualExact(SendsFactors):
 
     name: ClassVar[str] = "residual_exact"
     residual: ClassVar[bool] = True
+    dora_refusal: ClassVar[str] = (
+        "the frozen residual is a plain LoRA update added outside DoRA's norm (Liu et al., ICML "
+        "2024), so the merged model would not be the clients' mean"
+    )
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.scale = cfg.lora.lora_alpha / cfg.lora.r
+        self.scale = cfg.lora.scale()
         self.seed = cfg.data.seed
 
     def client_view(self, global_state: AdapterState, rank: int) -> AdapterState:

@@ -4,6 +4,9 @@ FedIT (Zhang et al., "Towards Building the Federated GPT: Federated Instruction 
 ICASSP 2024) averages the LoRA factors A and B separately, weighted by example counts, exactly
 as FedAvg (McMahan et al., AISTATS 2017) averages model weights. Every client must train at the
 global rank: a rank mismatch is refused (heterogeneous ranks need another strategy).
+
+DoRA (Liu et al., ICML 2024): the magnitude vectors are trained tensors like A and B and are
+averaged the same way, m' = Σ_k w_k m_k / Σ_k w_k.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class FedAvg:
     count_keys: ClassVar[frozenset[str]] = frozenset({WEIGHT_KEY})
     dp_refusal: ClassVar[str] = ""
     robust_refusal: ClassVar[str] = ""
+    dora_refusal: ClassVar[str] = ""
 
     def __init__(self, cfg: Config | None = None) -> None:
         """FedAvg has no settings."""
@@ -52,7 +56,7 @@ class FedAvg:
     def encode(
         self, delta: AdapterState, weight: float, view: AdapterState | None = None
     ) -> AdapterState:
-        """``{key: w·Δ_key}`` plus the weight itself."""
+        """``{key: w·Δ_key}`` (A, B and DoRA's magnitudes alike) plus the weight itself."""
         if weight <= 0:
             raise MergeError(f"a client's weight must be > 0, got {weight}")
         encoded = {k: v.to(torch.float32) * weight for k, v in delta.items()}

@@ -18,6 +18,10 @@ class FFALoRA(SlotAveraged):
     """Only B is trained and averaged; A stays at its shared initialisation."""
 
     name: ClassVar[str] = "ffa_lora"
+    dora_refusal: ClassVar[str] = (
+        "averaging B alone is exact only while the model is linear in B, and DoRA "
+        "(Liu et al., ICML 2024) divides W0 + s·B A by its norm"
+    )
 
     def frozen(self, server_round: int) -> frozenset[str]:
         """A never trains."""

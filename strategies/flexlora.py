@@ -32,6 +32,10 @@ from fedllama.merge.lowrank import product_svd, split_singular
 from strategies._rank import SLOT_WEIGHT, SendsFactors, SlotAveraged, client_weights, module_of
 
 DENSE = "fedllama.dense."
+DORA_REFUSAL = (
+    "it re-factors the clients' mean product Σ p_k B_k A_k, and under DoRA (Liu et al., ICML "
+    "2024) a client's update is m_k (W0 + s·B_k A_k) / ‖W0 + s·B_k A_k‖, not s·B_k A_k"
+)
 
 
 class FlexLoRA(SlotAveraged):
@@ -42,6 +46,7 @@ class FlexLoRA(SlotAveraged):
         "it factorises the weighted mean of the clients' products B_k A_k with their views; a "
         "coordinate-wise statistic of the product updates would not match the views' weights"
     )
+    dora_refusal: ClassVar[str] = DORA_REFUSAL
 
     def encode(
         self, delta: AdapterState, weight: float, view: AdapterState | None = None
@@ -87,6 +92,7 @@ class FlexLoRAFactored(SendsFactors):
     """FlexLoRA from the clients' factors: QR of the stacked factors, SVD of the small core."""
 
     name: ClassVar[str] = "flexlora"
+    dora_refusal: ClassVar[str] = DORA_REFUSAL
 
     def aggregate(
         self, encodings: Sequence[AdapterState], global_state: AdapterState, server_round: int = 0

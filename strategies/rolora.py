@@ -21,6 +21,10 @@ class RoLoRA(SlotAveraged):
     """Round t trains A if t is odd, B if t is even."""
 
     name: ClassVar[str] = "rolora"
+    dora_refusal: ClassVar[str] = (
+        "averaging one factor while the other is shared is exact only while the model is linear "
+        "in that factor, and DoRA (Liu et al., ICML 2024) divides W0 + s·B A by its norm"
+    )
 
     def frozen(self, server_round: int) -> frozenset[str]:
         """The factor not trained this round."""

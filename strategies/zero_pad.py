@@ -8,7 +8,8 @@ slots. A slot only some clients own is diluted by the others' zeros.
 Clients send deltas, so the rule is applied to what they imply: client k's trained factors are
 G[:r_k] + Δ_k, and slot i of the new global adapter is Σ_{k owns i} p_k·(G_i + Δ_{k,i}). The
 aggregated delta is therefore Σ_k p_k·pad(Δ_k)_i − (1 − P_i)·G_i, with P_i the weight share of
-the clients that own slot i: the non-owners' zeros pull the slot towards zero.
+the clients that own slot i: the non-owners' zeros pull the slot towards zero. DoRA's
+magnitude vectors (Liu et al., ICML 2024) are owned by every client: their weighted mean.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import ClassVar
 import torch
 
 from fedllama.merge import WEIGHT_KEY, AdapterState, MergeError, is_a, is_b
+from fedllama.merge.lora import is_magnitude
 from strategies._rank import SLOT_WEIGHT, SlotAveraged
 
 
@@ -53,6 +55,8 @@ class ZeroPad(SlotAveraged):
                 out[key] = summed[key] / total - padded[:, None] * value
             elif is_b(key):  # B: (out, R); slot i is column i
                 out[key] = summed[key] / total - padded[None, :] * value
+            elif is_magnitude(key):  # m: (out,); every client owns it
+                out[key] = summed[key] / total
             else:
                 raise MergeError(f"{key}: {self.name} merges only LoRA A and B weights")
         return out

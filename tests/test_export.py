@@ -148,6 +148,7 @@ def test_chat_answers_each_piped_line_with_the_conversation_so_far(fedavg_round:
 
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{one}\n{two}\n"
+    assert proc.stderr == "", "no library output (bars, kernel notes, warnings) without -v"
 
 
 def test_exported_adapter_loads_with_peft_and_gives_the_rounds_logits(

@@ -76,7 +76,7 @@ def test_crash_mid_round_then_rerun_redoes_only_that_round(cache_dir: Path, tmp_
 def test_resume_refuses_different_model_settings(cache_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     _run(InProcessGrid(3), tiny_config(cache_dir, out, "server.rounds=1"))
-    with pytest.raises(ConfigError, match="different lora settings"):
+    with pytest.raises(ConfigError, match="its lora settings differ"):
         _run(InProcessGrid(3), tiny_config(cache_dir, out, "lora.r=8"))
 
 

@@ -31,6 +31,10 @@ def test_simulate_runs_rounds_and_writes_peft_adapters(cache_dir: Path, tmp_path
     assert proc.returncode == 0, log[-4000:]
     assert "2/2 rounds" in log
     assert "round 1: client 2" in log, "progress per client"
+    assert "\x1b" not in log, "no control characters without a terminal"
+    for noise in ("ClientAppActor", "DEPRECATED", "Loading weights", "FutureWarning"):
+        assert noise not in log, f"{noise!r} is library output: run.log's, not the terminal's"
+    assert "ClientAppActor" in (out / "run.log").read_text()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[-1]["clients_ok"] == 3

@@ -33,12 +33,14 @@ from fedllama.config.sections import (
     COMPUTE_DTYPES,
     DATA_FIELDS,
     FAILED_ROUND,
+    LOSSLESS_CODECS,
     LR_SCHEDULES,
     MODEL_NAMES,
     OVER_BOUND,
     PARTITIONS,
     QUANTIZATIONS,
     SERVER_OPTIMIZERS,
+    WIRE_CODECS,
     ConfigError,
     DataConfig,
     LoraConfig,
@@ -48,6 +50,7 @@ from fedllama.config.sections import (
     SimulationConfig,
     StrategyConfig,
     TrainConfig,
+    WireConfig,
     _require,
 )
 
@@ -65,6 +68,7 @@ __all__ = [
     "PARTITIONS",
     "QUANTIZATIONS",
     "SERVER_OPTIMIZERS",
+    "WIRE_CODECS",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -78,6 +82,7 @@ __all__ = [
     "SimulationConfig",
     "StrategyConfig",
     "TrainConfig",
+    "WireConfig",
     "from_yaml",
     "load",
     "to_yaml",
@@ -98,6 +103,7 @@ class Config:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     dp: DpConfig = field(default_factory=DpConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
@@ -118,6 +124,7 @@ class Config:
             self._check_dp()
         if self.robust.enabled:
             self._check_robust()
+        self._check_wire()
         if self.secagg.enabled:
             _require(
                 self.simulation.num_clients >= 2,
@@ -132,6 +139,23 @@ class Config:
                 f"{self.secagg.max_clients} clients, simulation.num_clients is "
                 f"{self.simulation.num_clients}",
             )
+
+    def _check_wire(self) -> None:
+        codec = self.wire.codec
+        _require(
+            codec == "none" or not self.secagg.enabled,
+            "wire.codec",
+            f"{codec} cannot be used with secagg.enabled: SecAgg+ sums one fixed-point vector "
+            "of the same length from every client, and a codec's per-client ranks, scales or "
+            "indices cannot be summed under masks; use wire.codec=none",
+        )
+        _require(
+            codec in LOSSLESS_CODECS or not self.dp.enabled,
+            "wire.codec",
+            f"{codec} is lossy and cannot follow DP's clipping: rounding can lift an update "
+            "above dp.clip_norm, which the noise is calibrated to (and top-k's error feedback "
+            "re-sends what clipping bounded); use wire.codec=strip or none",
+        )
 
     def _check_robust(self) -> None:
         key = "robust.combiner" if self.robust.combiner != "mean" else "robust.norm_bound"
@@ -225,6 +249,16 @@ def _build(layers: list[Any]) -> Config:
     return cfg
 
 
+def _config_hint(missing: Path) -> str:
+    """What to pass instead of a config file that is not there."""
+    shipped = Path(__file__).resolve().parents[2] / "simulations" / "configs"
+    near = missing.parent if missing.parent.is_dir() else shipped
+    names = sorted(f.name for f in near.glob("*.yaml")) if near.is_dir() else []
+    if names:
+        return f"pass one of {', '.join(names)} in {near} (or write one: docs/config.md)"
+    return "pass the path of a YAML config (docs/config.md; e.g. simulations/configs/demo.yaml)"
+
+
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load a config: defaults, then the YAML at ``path``, then ``key=value`` overrides.
 
@@ -237,7 +271,7 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+            raise ConfigError(f"config file {str(p)!r} does not exist", hint=_config_hint(p))
         try:
             loaded = OmegaConf.load(p)
         except Exception as err:  # yaml errors have no common base in OmegaConf

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from fedllama.errors import UserError
+
 MODEL_NAMES = ("tiny", "smollm2-135m")
 QUANTIZATIONS = ("nf4", "none")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -21,7 +23,7 @@ OVER_BOUND = ("clip", "drop")
 FAILED_ROUND = ("retry", "skip", "stop")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key is unknown, mistyped or out of range."""
 
 
@@ -67,35 +69,70 @@ class ModelConfig:
         )
 
 
+TARGET_PRESETS: dict[str, list[str] | str] = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+    "all-linear": "all-linear",
+}
+"""``lora.target_modules`` presets -> what ``peft.LoraConfig`` gets. LLaMA, Mistral, Qwen2 and
+Llama 4's attention and shared expert share these names (docs/adapters.md); ``all-linear`` is
+peft's own: every linear layer but the output head."""
+
+
 @dataclass
 class LoraConfig:
-    """LoRA settings, named exactly as ``peft.LoraConfig`` names them."""
+    """LoRA settings, named exactly as ``peft.LoraConfig`` names them.
+
+    ``use_dora``: DoRA (Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024)
+    trains a magnitude vector per adapted layer next to A and B. ``use_rslora``: rsLoRA
+    (Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023)
+    scales by lora_alpha/√r instead of lora_alpha/r. Both are built by peft.
+    """
 
     r: int = 8
     """Global LoRA rank (and every client's, unless ``client_ranks`` says otherwise)."""
     lora_alpha: float = 16
     lora_dropout: float = 0.0
-    target_modules: list[str] = field(
+    target_modules: str | list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+    """A preset (``attention``, ``mlp``, ``all-linear``: ``TARGET_PRESETS``) or module names."""
     bias: str = "none"
+    use_dora: bool = False
+    """DoRA: a trained magnitude vector per adapted layer (peft's ``lora_magnitude_vector``)."""
+    use_rslora: bool = False
+    """rsLoRA: peft's scale is lora_alpha/√r instead of lora_alpha/r."""
     client_ranks: list[int] = field(default_factory=list)
     """Simulation only: client p trains at rank ``client_ranks[p % len]`` (each <= r). A
     deployment's SuperNode sets its rank with ``--node-config 'lora-rank=16'``. Not a peft key."""
 
+    def modules(self) -> list[str] | str:
+        """``target_modules`` as peft takes it: a preset resolved, or the names as given."""
+        if isinstance(self.target_modules, str):
+            preset = TARGET_PRESETS[self.target_modules]
+            return preset if isinstance(preset, str) else list(preset)
+        return list(self.target_modules)
+
     def peft_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``peft.LoraConfig``."""
+        """Keyword arguments for ``peft.LoraConfig`` (presets resolved)."""
         kwargs = asdict(self)
         del kwargs["client_ranks"]
+        kwargs["target_modules"] = self.modules()
         return kwargs
 
-    def at_rank(self, rank: int) -> LoraConfig:
-        """This config for a client of another rank, with ``lora_alpha`` scaled by rank/r.
+    def scale(self) -> float:
+        """peft's scale of the adapter: lora_alpha/r, or lora_alpha/√r under rsLoRA."""
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
-        Keeping peft's scale lora_alpha/r equal across ranks makes rank slot i mean the same on
-        every client, so slots can be averaged across ranks.
+    def at_rank(self, rank: int) -> LoraConfig:
+        """This config for a client of another rank, with ``lora_alpha`` scaled so that peft's
+        scale (:meth:`scale`) is the same at every rank: by rank/r, or by √(rank/r) under rsLoRA.
+
+        Keeping the scale equal across ranks makes rank slot i mean the same on every client, so
+        slots can be averaged across ranks.
         """
-        alpha = self.lora_alpha * rank / self.r
+        ratio = rank / self.r
+        alpha = self.lora_alpha * (ratio**0.5 if self.use_rslora else ratio)
         return replace(self, r=rank, lora_alpha=alpha, client_ranks=[])
 
     def __post_init__(self) -> None:
@@ -106,7 +143,7 @@ class LoraConfig:
             "lora.lora_dropout",
             f"must be in [0, 1), got {self.lora_dropout}",
         )
-        _require(len(self.target_modules) > 0, "lora.target_modules", "must not be empty")
+        self._check_target_modules()
         _one_of(self.bias, "lora.bias", ("none",))
         for rank in self.client_ranks:
             _require(
@@ -114,6 +151,53 @@ class LoraConfig:
                 "lora.client_ranks",
                 f"each rank must be in 1..lora.r={self.r}, got {rank}",
             )
+
+    def _check_target_modules(self) -> None:
+        presets = ", ".join(TARGET_PRESETS)
+        if isinstance(self.target_modules, str):
+            _one_of(self.target_modules, "lora.target_modules", tuple(TARGET_PRESETS))
+            return
+        _require(
+            len(self.target_modules) > 0,
+            "lora.target_modules",
+            f"must not be empty; give module names or one of {presets}",
+        )
+        for name in self.target_modules:
+            _require(
+                name not in TARGET_PRESETS,
+                "lora.target_modules",
+                f"{name!r} is a preset: write lora.target_modules={name}, not a list",
+            )
+            _require(bool(name.strip()), "lora.target_modules", "a module name is empty")
+
+
+@dataclass
+class CanaryConfig:
+    """Canaries (Carlini et al., "The Secret Sharer", USENIX Security 2019): random secrets put
+    into one client's training data to measure what the global adapter memorises
+    (``fedllama/data/canaries.py``, ``fedllama canaries``; docs/leakage.md)."""
+
+    count: int = 0
+    """Candidate canaries (0: none). Each is inserted with probability 1/2 (a seeded coin); the
+    others are held out: the audit's non-members."""
+    repeats: int = 1
+    """Times each inserted canary appears in the client's training data."""
+    client: int = 0
+    """The client (partition id) whose training data holds them."""
+    references: int = 1000
+    """Random secrets of the same format scored against each canary (its exposure's resolution:
+    at most log2(references + 1) bits)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.count >= 0, "data.canary.count", f"must be >= 0, got {self.count}")
+        _require(self.repeats >= 1, "data.canary.repeats", f"must be >= 1, got {self.repeats}")
+        _require(self.client >= 0, "data.canary.client", f"must be >= 0, got {self.client}")
+        _require(
+            self.references >= 10,
+            "data.canary.references",
+            f"must be >= 10, got {self.references}",
+        )
 
 
 @dataclass
@@ -139,6 +223,7 @@ class DataConfig:
     max_seq_len: int = 128
     system_prompt: str = "You are a helpful assistant."
     seed: int = 0
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
 
     def __post_init__(self) -> None:
         _one_of(self.partition, "data.partition", PARTITIONS)
@@ -359,3 +444,28 @@ class OutputConfig:
 
     dir: str = "runs/demo"
     plot: bool = True
+    tensorboard: bool = False
+    """Write each round's scalars to ``<dir>/tensorboard`` (needs ``fedllama[tensorboard]``)."""
+
+
+WIRE_CODECS = ("none", "strip", "fp16", "int8", "topk")
+LOSSLESS_CODECS = ("none", "strip")
+
+
+@dataclass
+class WireConfig:
+    """How a client's update travels (``fedllama/wire/codecs.py``; docs/wire.md)."""
+
+    codec: str = "none"
+    """``none`` (float32 at the global rank), ``strip`` (float32 at the client's own rank),
+    ``fp16``, ``int8`` (both stripped first) or ``topk`` (with error feedback)."""
+    topk_fraction: float = 0.05
+    """``topk``: the share of each tensor's entries sent (the largest magnitudes)."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.codec, "wire.codec", WIRE_CODECS)
+        _require(
+            0.0 < self.topk_fraction <= 1.0,
+            "wire.topk_fraction",
+            f"must be in (0, 1], got {self.topk_fraction}",
+        )

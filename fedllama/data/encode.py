@@ -67,7 +67,10 @@ def encode_all(
             out.append(Encoded(ids, labels))
     if examples and not out:
         raise DataError(
-            f"every example's answer lies beyond data.max_seq_len={cfg.max_seq_len} tokens"
+            f"no usable example: every answer lies beyond data.max_seq_len={cfg.max_seq_len} "
+            "tokens",
+            hint=f"raise data.max_seq_len (e.g. data.max_seq_len={cfg.max_seq_len * 2}) or "
+            "shorten the prompts",
         )
     return out
 

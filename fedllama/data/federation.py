@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllama.config import DataConfig
+from fedllama.data import canaries
 from fedllama.data.demo import demo_federation
 from fedllama.data.files import DataError, Example, read_local
 
@@ -128,4 +129,7 @@ def build_federation(cfg: DataConfig, num_clients: int, cache_dir: Path) -> Fede
         split_train_eval([rows[i] for i in idx], cfg.eval_fraction, f"client-{cfg.seed}-{pid}")
         for pid, idx in enumerate(parts)
     ]
+    canaries.check_client(cfg.canary, num_clients)
+    for pid, split in enumerate(clients):  # after the split: canaries are trained on only
+        split.train = canaries.insert(split.train, cfg.canary, pid)
     return Federation(clients=clients, global_eval=global_eval)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllama.config import DATA_FIELDS
+from fedllama.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,15 @@ SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
 """Files that ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` write into a directory."""
 
 
-class DataError(ValueError):
+ROW_HINT = (
+    'give one example per row: {"instruction": ..., "response": ...} or {"messages": [{"role": '
+    '"user", ...}, {"role": "assistant", ...}]}, or map your columns with data.columns '
+    "(docs/config.md, data)"
+)
+"""What a data file must hold, said when it holds nothing usable."""
+
+
+class DataError(UserError, ValueError):
     """A data file or split cannot be read or built."""
 
 
@@ -208,7 +217,10 @@ def _check_columns(path: Path, table: _Table, cols: Columns) -> None:
     for key, column in needed.items():
         if column not in table.columns:
             chat = "" if key in cols.mapping else f", nor {cols.label('messages')} for chats"
-            raise DataError(f"{path}: no column {cols.label(key)}{chat}; columns: {names}")
+            raise DataError(
+                f"{path}: no column {cols.label(key)}{chat}; columns: {names}",
+                hint=f"map yours with data.columns.{key}=YOUR_COLUMN (docs/config.md, data)",
+            )
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -249,7 +261,10 @@ def read_file(path: Path, columns: Mapping[str, str] | None = None) -> list[Exam
         raise DataError(f"unknown data.columns {unknown}; expected some of {DATA_FIELDS}")
     table = _read_table(path)
     if not table.rows:
-        raise DataError(f"{path} holds no examples")
+        raise DataError(
+            f"data file {path} holds no examples (no rows besides blank lines or a header)",
+            hint=ROW_HINT,
+        )
     _check_columns(path, table, cols)
     institution = path.stem if path.is_file() else path.name
     return [_row_to_example(row, where, institution, cols) for where, row in table.rows]

@@ -550,7 +550,11 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 def write_report(report: Mapping[str, Any], directory: Path, server_round: int) -> Path:
     """``directory/leakage-round-NNN.json`` (strict JSON, written atomically)."""
-    path = directory / f"leakage-round-{server_round:03d}.json"
+    return write_json(report, directory / f"leakage-round-{server_round:03d}.json")
+
+
+def write_json(report: Mapping[str, Any], path: Path) -> Path:
+    """``report`` as strict JSON at ``path``, written atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     tmp.replace(path)

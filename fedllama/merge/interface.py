@@ -54,6 +54,9 @@ class MergeStrategy(Protocol):
     robust_refusal: ClassVar[str]
     """Why a robust combiner (``robust.combiner``: median, trimmed mean, Krum) cannot stand in
     for this rule's mean; empty when it can (``fedllama.merge.robust``)."""
+    dora_refusal: ClassVar[str]
+    """Why this rule cannot merge DoRA's magnitude vectors (``lora.use_dora``; Liu et al., ICML
+    2024); empty when it can (docs/adapters.md)."""
 
     def frozen(self, server_round: int) -> frozenset[str]:
         """LoRA factors (``"lora_A"``, ``"lora_B"``) clients keep fixed in ``server_round``.

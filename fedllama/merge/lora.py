@@ -1,4 +1,10 @@
-"""LoRA factor bookkeeping: which keys are A and B, a state's rank, zero padding."""
+"""LoRA factor bookkeeping: which keys are A, B and DoRA magnitudes, a state's rank, zero padding.
+
+DoRA (Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024) adds one trained
+magnitude vector per adapted layer, m: (out_features,), under peft's key
+``...<module>.lora_magnitude_vector``. It has no rank slots: its shape is the same at every client
+rank, so padding and truncation leave it as it is and every client owns all of it.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,15 @@ def is_b(key: str) -> bool:
     return key.endswith("lora_B.weight")
 
 
+MAGNITUDE = "lora_magnitude_vector"
+"""The end of a DoRA magnitude key in peft's adapter state dict (``get_peft_model_state_dict``)."""
+
+
+def is_magnitude(key: str) -> bool:
+    """A DoRA magnitude vector key (m: (out_features,))."""
+    return key.endswith(MAGNITUDE)
+
+
 def lora_pairs(state: AdapterState) -> list[tuple[str, str]]:
     """(A key, B key) of every adapted module in ``state``."""
     return [(k, k.replace("lora_A", "lora_B")) for k in state if is_a(k)]
@@ -32,7 +47,8 @@ def rank_of(state: AdapterState) -> int:
 
 
 def pad(state: AdapterState, rank: int) -> AdapterState:
-    """Zero-pad A rows and B columns up to ``rank`` slots."""
+    """Zero-pad A rows and B columns up to ``rank`` slots (other keys, e.g. DoRA's magnitudes,
+    are rank-free and kept as they are)."""
     out = {}
     for key, value in state.items():
         if is_a(key):

@@ -2,6 +2,9 @@
 
 Keys are peft's state-dict keys without the adapter name (``get_peft_model_state_dict``), e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` — identical on every client.
+Under DoRA (Liu et al., ICML 2024; ``lora.use_dora``) the state also holds each adapted layer's
+magnitude vector, ``...q_proj.lora_magnitude_vector`` (out_features,), which travels, merges and
+is saved like A and B (``PeftModel.from_pretrained`` reads it back from the round directory).
 peft's own ``set_peft_model_state_dict`` loads with ``strict=False`` and silently ignores a
 renamed key; :func:`set_adapter_state` refuses any mismatch instead.
 """

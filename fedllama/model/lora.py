@@ -1,7 +1,9 @@
 """The LoRA-wrapped model: peft's adapter on the base, its frozen residual, a per-process cache.
 
 The 4-bit base weights are never written: adapters are loaded into and read from the LoRA
-parameters only, and nothing here merges LoRA into the base.
+parameters only, and nothing here merges LoRA into the base. DoRA (Liu et al., ICML 2024) and
+rsLoRA (Kalajdzievski, 2023) are peft's own (``lora.use_dora``, ``lora.use_rslora``); with DoRA
+the adapter state also holds each layer's magnitude vector (docs/adapters.md).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from transformers import (
 )
 
 from fedllama.config import Config
+from fedllama.config.sections import TARGET_PRESETS
 from fedllama.model.base import ModelError, load_base, load_tokenizer, resolve_base_dir
 
 TRAINABLE = "default"
@@ -28,7 +31,12 @@ RESIDUAL_ADAPTER = "residual"
 
 
 def build_lora_model(cfg: Config, base: PreTrainedModel) -> Any:
-    """Wrap a base model with a trainable LoRA adapter (``peft.PeftModel``)."""
+    """Wrap a base model with a trainable LoRA adapter (``peft.PeftModel``).
+
+    Raises:
+        ModelError: a name in ``lora.target_modules`` (after its preset is resolved) matches no
+            module of the base.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.model.quantization == "nf4":
@@ -39,11 +47,13 @@ def build_lora_model(cfg: Config, base: PreTrainedModel) -> Any:
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()
     lora = LoraConfig(**cfg.lora.peft_kwargs(), task_type="CAUSAL_LM")
-    missing = [m for m in cfg.lora.target_modules if not _has_module(base, m)]
+    targets = cfg.lora.modules()
+    missing = [m for m in targets if not _has_module(base, m)] if isinstance(targets, list) else []
     if missing:
         raise ModelError(
             f"lora.target_modules: {missing} match no module of the base model "
-            f"(LLaMA names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+            f"(LLaMA, Mistral and Qwen2 names: q_proj, k_proj, v_proj, o_proj, gate_proj, "
+            f"up_proj, down_proj; presets: {', '.join(TARGET_PRESETS)})"
         )
     return get_peft_model(base, lora)
 
@@ -56,7 +66,8 @@ def fresh_adapter(lora_model: Any, seed: int) -> dict[str, torch.Tensor]:
     """peft's default LoRA init (A Kaiming-uniform, B zero) drawn from ``seed``, as a state dict.
 
     The model is cached per process and holds whatever adapter was loaded last, so the initial
-    global adapter is re-drawn here rather than read off the model.
+    global adapter is re-drawn here rather than read off the model. Under DoRA each magnitude
+    vector is re-initialised as peft does, to the row norms of W0 + s·B A (= ‖W0‖ with B = 0).
     """
     from peft.tuners.lora import LoraLayer
 
@@ -67,7 +78,24 @@ def fresh_adapter(lora_model: Any, seed: int) -> dict[str, torch.Tensor]:
         for module in lora_model.modules():
             if isinstance(module, LoraLayer):
                 module.reset_lora_parameters(TRAINABLE, True)
+                if TRAINABLE in module.lora_magnitude_vector:
+                    _reset_magnitude(module)
         return get_adapter_state(lora_model)
+
+
+def _reset_magnitude(module: Any) -> None:
+    """DoRA's init of one layer's magnitude, m = ‖W0 + s·B A‖ per output row (m: (out,)),
+    computed by peft's own ``DoraLinearLayer.get_weight_norm`` into the existing parameter."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    dora = module.lora_magnitude_vector[TRAINABLE]
+    lora_a = module.lora_A[TRAINABLE].weight  # (r, in)
+    lora_b = module.lora_B[TRAINABLE].weight  # (out, r)
+    with torch.no_grad():
+        weight = dequantize_module_weight(module.get_base_layer()).to(lora_a.device)
+        scaling = module.scaling[TRAINABLE]
+        norm = dora.get_weight_norm(weight, lora_b @ lora_a, scaling)
+        dora.weight.copy_(norm.to(dora.weight.dtype))
 
 
 _CACHE: dict[str, tuple[Any, PreTrainedTokenizerBase]] = {}
@@ -103,7 +131,7 @@ def set_residual(lora_model: Any, residual: dict[str, torch.Tensor], cfg: Config
         return
     rank = rank_of(residual)
     config = LoraConfig(
-        r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=cfg.lora.target_modules
+        r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=cfg.lora.modules()
     )
     lora_model.add_adapter(RESIDUAL_ADAPTER, config)
     result = set_peft_model_state_dict(lora_model, residual, adapter_name=RESIDUAL_ADAPTER)

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedllama import data
 from fedllama.config import Config, TrainConfig
+from fedllama.data import canaries
 from fedllama.model import train
 
 
@@ -75,10 +76,15 @@ def membership(
             seed = round_seed(cfg.data.seed, server_round, client_id)
             drawn.update(drawn_indices(len(train_set), cfg.train, seed))
         members: dict[tuple[int, ...], data.Encoded] = {}
-        for i in sorted(drawn):
-            members.setdefault(_key(train_set[i]), train_set[i])
+        planted = [ex for ex in split.train if ex["institution"] == canaries.INSTITUTION]
+        canary = {_key(x) for x in data.encode_all(tokenizer, planted, cfg.data)}
+        for i in sorted(drawn):  # canaries are measured by `fedllama canaries`, not here
+            if _key(train_set[i]) not in canary:
+                members.setdefault(_key(train_set[i]), train_set[i])
         held_out = data.encode_all(tokenizer, split.eval, cfg.data)
-        names = sorted({ex["institution"] for ex in [*split.train, *split.eval]})
+        names = sorted(
+            {ex["institution"] for ex in [*split.train, *split.eval]} - {canaries.INSTITUTION}
+        )
         result.append(
             ClientMembership(client_id, names, len(train_set), list(members.values()), held_out)
         )

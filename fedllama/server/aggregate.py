@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
+from fedllama import progress
 from fedllama.config import Config, RobustConfig
 from fedllama.merge import (
     AdapterState,
@@ -166,6 +167,7 @@ class RoundRecord:
         self.clients.append(summary)
         if on_reply is not None:
             on_reply(summary)
+        progress.events.client_replied(self.server_round, node, {**summary, "bytes-up": bytes_up})
 
     def label(self, node: int) -> str:
         """``node N (client C)``, or ``node N`` while its client id is unknown."""
@@ -177,6 +179,7 @@ class RoundRecord:
         self.dropped += 1
         self.dropped_nodes.append(node)
         self.dropped_clients.append(dropped_entry(node, self.names, reason))
+        progress.events.client_dropped(self.server_round, node, self.names.get(node), reason)
 
     def retract(self, node: int, reason: str) -> None:
         """Drop a reply counted earlier (a combiner that judges the round's replies together

@@ -190,17 +190,37 @@ def check_resumable(out: Path, cfg: Config) -> None:
         return
     saved = from_yaml(saved_path.read_text())
     for section in _MUST_MATCH:
-        if getattr(saved, section) != getattr(cfg, section):
+        differ = _differences(asdict(getattr(saved, section)), asdict(getattr(cfg, section)))
+        if differ:
             raise ConfigError(
-                f"output.dir={str(out)!r} holds a run with different {section} settings "
-                f"(saved: {asdict(getattr(saved, section))}); use a new output.dir or the "
-                "same settings to resume"
+                f"output.dir={str(out)!r} holds a different run: its {section} settings differ "
+                f"({differ})",
+                hint=_new_dir_hint(out, saved_path),
             )
     if saved.server.optimizer != cfg.server.optimizer:
         raise ConfigError(
             f"output.dir={str(out)!r} holds a run with server.optimizer="
-            f"{saved.server.optimizer}; its saved moments do not fit {cfg.server.optimizer}"
+            f"{saved.server.optimizer}; its saved moments do not fit {cfg.server.optimizer}",
+            hint=_new_dir_hint(out, saved_path),
         )
+
+
+_MAY_DIFFER = frozenset({"cache_dir"})
+"""Keys that say where things are, not what the run is: a run resumes with its cache moved."""
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any], limit: int = 3) -> str:
+    """``key: saved -> now`` for the first ``limit`` keys that differ ("" when none do)."""
+    keys = [k for k in saved if saved.get(k) != now.get(k) and k not in _MAY_DIFFER]
+    shown = [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in keys[:limit]]
+    return "; ".join(shown) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _new_dir_hint(out: Path, saved_path: Path) -> str:
+    return (
+        f"pass a new output.dir (e.g. output.dir={out}-2) to start a new run, or resume this "
+        f"one with its own settings ({saved_path})"
+    )
 
 
 def write_config(out: Path, cfg: Config) -> None:

@@ -8,6 +8,7 @@ aggregator's business (:mod:`fedllama.server.aggregate`), chosen once per run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -20,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedllama import model
+from fedllama import model, progress
 from fedllama.config import Config, to_yaml
 from fedllama.merge import AdapterState, MergeStrategy
 from fedllama.merge.optimizer import ServerOptimizer, build_server_optimizer
@@ -43,6 +44,8 @@ from fedllama.server.metrics import (
     weighted_client_eval,
 )
 from fedllama.server.strategy import FedLlamaStrategy
+from fedllama.server.tensorboard import TensorBoardWriter
+from fedllama.wire import codecs
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ class ServerRun:
             fraction_train=cfg.server.fraction_train,
             min_nodes=cfg.server.min_replies,
             sampler=dp.sampler if dp else None,
+            codec=codecs.build(cfg.wire.codec, cfg.wire.topk_fraction),
         )
         if dp is not None and cfg.dp.adaptive_clipping:
             strategy.extra_keys = {UNCLIPPED: (1,)}
@@ -120,14 +124,20 @@ def run_server(grid: Grid, cfg: Config, merge: MergeStrategy) -> list[MetricsRow
             global adapter stays at the previous round.
     """
     run = ServerRun.start(cfg, merge)
-    global_state, done = bootstrap_or_resume(run)
-    for server_round in range(done + 1, cfg.server.rounds + 1):
-        try:
-            global_state = attempt_round(run, grid, global_state, server_round)
-        except PrivacyBudgetSpent as err:
-            log.warning("dp: %s", err)
-            break
-    return read_rows(run.out)
+    with contextlib.ExitStack() as stack:
+        if cfg.output.tensorboard:
+            stack.enter_context(progress.observing(TensorBoardWriter(run.out)))
+        global_state, done = bootstrap_or_resume(run)
+        progress.events.run_started(run.out, cfg.server.rounds, done)
+        for server_round in range(done + 1, cfg.server.rounds + 1):
+            try:
+                global_state = attempt_round(run, grid, global_state, server_round)
+            except PrivacyBudgetSpent as err:
+                log.warning("dp: %s", err)
+                break
+        rows = read_rows(run.out)
+        progress.events.run_finished(rows)
+    return rows
 
 
 def bootstrap_or_resume(run: ServerRun) -> tuple[AdapterState, int]:
@@ -157,6 +167,7 @@ def bootstrap_or_resume(run: ServerRun) -> tuple[AdapterState, int]:
     dp = run.dp.summary(0.0) if run.dp else None
     row = MetricsRow(round=0, eval_loss=eval_loss, seconds=time.perf_counter() - t0, dp=dp)
     run.save(0, global_state, row)
+    progress.events.round_finished(row)
     log.info("round 0 (initial adapter): eval_loss %.4f", eval_loss)
     return global_state, 0
 
@@ -204,6 +215,7 @@ def attempt_round(
         skipped=" | ".join(failures),
     )
     run.save(server_round, global_state, row)
+    progress.events.round_finished(row)
     return global_state
 
 
@@ -248,6 +260,7 @@ def one_round(
         rejected=rejected,
     )
     run.save(server_round, global_state, row)
+    progress.events.round_finished(row)
     log.info(
         "round %d/%d done in %.1f s: eval_loss %.4f, train_loss %.4f, %d ok, %d dropped",
         server_round,
@@ -301,6 +314,7 @@ def aggregate_round(
     messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
     messages = [m for m in messages if m.metadata.dst_node_id not in excluded]
     log.info("round %d/%d: training on %d clients", server_round, cfg.server.rounds, len(messages))
+    progress.events.round_started(server_round, [m.metadata.dst_node_id for m in messages])
     plan = strategy.plan(server_round, messages, _log_reply(server_round, len(messages)))
     plan.max_examples = cfg.server.max_examples
     plan.robust = cfg.robust if cfg.robust.enabled else None

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedllama.merge import AdapterState, MergeStrategy, frozen_key
 from fedllama.privacy.dp import Sampler
 from fedllama.server.aggregate import OnReply, RoundPlan, RoundRecord, collect
+from fedllama.wire.codecs import Codec
 from fedllama.wire.records import CONFIG_YAML, DP_CLIP_NORM, NUM_EXAMPLES, TRAIN_LOSS, to_record
 from fedllama.wire.validate import ReplySpec
 
@@ -43,6 +44,7 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         fraction_train: share of connected nodes sampled per round.
         min_nodes: nodes that must be connected before a round starts.
         sampler: under differential privacy, who takes part (instead of ``fraction_train``).
+        codec: how replies travel (``wire.codec``; default float32 as it is).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         fraction_train: float = 1.0,
         min_nodes: int = 1,
         sampler: Sampler | None = None,
+        codec: Codec | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -62,6 +65,7 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         )
         self.merge = merge
         self.sampler = sampler
+        self.codec = codec or Codec()
         self.population = 0
         """Nodes connected when ``sampler`` last drew a round."""
         self.extra_keys: dict[str, tuple[int, ...]] = {}
@@ -84,7 +88,11 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         zero = {k: torch.zeros_like(v) for k, v in view.items() if not frozen_key(k, unsent)}
         encoded = self.merge.encode(zero, 1.0, view)
         shapes = {k: tuple(v.shape) for k, v in encoded.items()}
-        self.spec = ReplySpec(shapes={**shapes, **self.extra_keys})
+        self.spec = ReplySpec(
+            shapes={**shapes, **self.extra_keys},
+            codec=self.codec,
+            keep=self.merge.count_keys | frozenset(self.extra_keys),
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -14,6 +14,10 @@ from fedllama.merge import AdapterState
 ARRAYS = "arrays"
 
 
+class ReplyError(ValueError):
+    """A client reply is malformed; the message says why."""
+
+
 CONFIG = "config"
 
 
@@ -34,9 +38,6 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 CLIENT_ID = "client-id"
 """Metric: the client's id (its partition id in a simulation, else its node id)."""
-
-
-WIRE_DTYPES = ("float32",)
 
 
 def to_record(state: AdapterState) -> ArrayRecord:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -12,25 +12,28 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 
 from fedllama.merge import AdapterState
+from fedllama.wire.codecs import Codec
 from fedllama.wire.records import (
     ARRAYS,
     CLIENT_ID,
     METRICS,
     NUM_EXAMPLES,
     TRAIN_LOSS,
-    WIRE_DTYPES,
 )
-
-
-class ReplyError(ValueError):
-    """A client reply is malformed; the message says why."""
+from fedllama.wire.records import ReplyError as ReplyError  # raised here; callers import it here
 
 
 @dataclass
 class ReplySpec:
-    """What a valid reply carries: encoding keys with shapes, and the metrics."""
+    """What a valid reply carries: encoding keys with shapes, how they travel, and the metrics.
+
+    ``codec`` is the run's ``wire.codec``; ``keep`` the keys that travel as exact float32
+    whatever the codec (the strategy's count keys, DP's indicator).
+    """
 
     shapes: dict[str, tuple[int, ...]]
+    codec: Codec = field(default_factory=Codec)
+    keep: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -44,11 +47,12 @@ class ValidReply:
 
 
 def validate_reply(content: RecordDict, spec: ReplySpec) -> ValidReply:
-    """Check a train reply and return its encoding and metrics.
+    """Decode a train reply with the run's codec, check it, return its encoding and metrics.
 
     Raises:
-        ReplyError: a missing or extra key, a wrong shape or dtype, a NaN/Inf value, or missing
-            or non-finite metrics. The message names the key.
+        ReplyError: a missing or extra array, a wrong shape or dtype, a corrupt payload, a bad
+            codec scale or index, a NaN/Inf value, or missing or non-finite metrics. The message
+            names the key.
     """
     arrays = content.array_records.get(ARRAYS)
     metrics = content.metric_records.get(METRICS)
@@ -56,30 +60,8 @@ def validate_reply(content: RecordDict, spec: ReplySpec) -> ValidReply:
         raise ReplyError(f"no ArrayRecord {ARRAYS!r} in the reply")
     if metrics is None:
         raise ReplyError(f"no MetricRecord {METRICS!r} in the reply")
-    missing = sorted(set(spec.shapes) - set(arrays))
-    extra = sorted(set(arrays) - set(spec.shapes))
-    if missing:
-        raise ReplyError(f"missing key {missing[0]} ({len(missing)} missing)")
-    if extra:
-        raise ReplyError(f"unexpected key {extra[0]} ({len(extra)} unexpected)")
-    for key, shape in spec.shapes.items():
-        array = arrays[key]
-        if array.dtype not in WIRE_DTYPES:
-            raise ReplyError(f"{key}: dtype {array.dtype}, expected one of {WIRE_DTYPES}")
-        if tuple(array.shape) != shape:
-            raise ReplyError(f"{key}: shape {tuple(array.shape)}, expected {shape}")
     tensors: AdapterState = {}
-    for key, shape in spec.shapes.items():
-        try:
-            values = arrays[key].numpy()
-        except Exception as err:  # a corrupt payload fails inside numpy's loader
-            raise ReplyError(f"{key}: payload cannot be decoded ({err})") from None
-        declared = np.dtype(arrays[key].dtype)  # native byte order
-        if values.dtype != declared or tuple(values.shape) != shape:
-            raise ReplyError(
-                f"{key}: payload is {values.dtype.str} {values.shape}, not the declared "
-                f"{declared.str} {shape}"
-            )
+    for key, values in spec.codec.decode(arrays, spec.shapes, spec.keep).items():
         if not np.isfinite(values).all():
             raise ReplyError(f"{key}: contains NaN or Inf")
         tensors[key] = torch.from_numpy(np.array(values, copy=True))

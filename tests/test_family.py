@@ -1,0 +1,267 @@
+"""The LLaMA family and its neighbours as ``model.path``: tiny random models shaped like Llama 2
+(MHA), Llama 3.1 (GQA, llama3 RoPE scaling), Llama 3.2 (tied embeddings), Llama 4 text (MoE),
+Mistral and Qwen2 each run a one-round federation (NF4, except Llama 4: its 4-bit copy does not
+load back in this transformers, which is refused), and their round directories load with
+``peft.PeftModel.from_pretrained``. An unsupported architecture (GPT-2) is refused.
+
+Each run also exercises one adapter setting (DoRA, rsLoRA, a target-module preset, mixed
+ranks), so the family covers them without a run per combination (docs/adapters.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    Llama4ForCausalLM,
+    Llama4TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from fedllama import model
+from fedllama.config import Config
+from fedllama.model import ModelError
+from fedllama.model.lora import fresh_adapter
+from tests.harness import InProcessGrid, run, tiny_config
+
+SMALL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 256,
+}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+FAMILIES: dict[str, tuple[type[Any], type[Any], dict[str, Any]]] = {
+    "llama2": (LlamaConfig, LlamaForCausalLM, {"num_key_value_heads": 4}),  # MHA
+    "llama3.1": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {"num_key_value_heads": 2, "rope_parameters": LLAMA3_ROPE},  # GQA
+    ),
+    "llama3.2": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {"num_key_value_heads": 2, "rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True},
+    ),
+    "llama4": (
+        Llama4TextConfig,
+        Llama4ForCausalLM,
+        {
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "intermediate_size": 64,  # each expert's
+            "intermediate_size_mlp": 128,
+            "num_local_experts": 2,
+            "num_experts_per_tok": 1,
+            "interleave_moe_layer_step": 1,
+        },
+    ),
+    "mistral": (
+        MistralConfig,
+        MistralForCausalLM,
+        {"num_key_value_heads": 2, "sliding_window": 32},
+    ),
+    "qwen2": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        {"num_key_value_heads": 2, "tie_word_embeddings": True},
+    ),
+}
+RUNS = {
+    # family: the adapter settings its one round uses
+    "llama2": ("lora.target_modules=attention",),
+    "llama3.1": (
+        "lora.use_dora=true",
+        "strategy.name=rank_aware",
+        "lora.client_ranks=[2,4]",
+    ),
+    "llama3.2": (
+        "lora.use_rslora=true",
+        "lora.target_modules=mlp",
+        "strategy.name=zero_pad",
+        "lora.client_ranks=[2,4]",
+    ),
+    "llama4": ("lora.target_modules=attention", "lora.use_dora=true", "model.quantization=none"),
+    "mistral": ("lora.target_modules=all-linear", "strategy.name=hetlora", "lora.use_dora=true"),
+    "qwen2": ("lora.use_rslora=true", "lora.use_dora=true", "lora.target_modules=mlp"),
+}
+
+
+def _build(directory: Path, family: str, tokenizer_dir: Path) -> Path:
+    """A random ``family`` model with the tiny model's tokenizer, saved once per cache."""
+    if (directory / "config.json").is_file():
+        return directory
+    config_class, model_class, shape = FAMILIES[family]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = config_class(
+        **(SMALL | shape),
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    tmp = directory.with_name(directory.name + ".tmp")
+    model_class(config).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def family_cache(cache_dir: Path) -> Path:
+    """The family's own model cache (its NF4 copies stay out of the shared cache's
+    ``quantized/``, which other tests count), with the bases under ``bases/``."""
+    tiny = model.resolve_base_dir(tiny_config(cache_dir, cache_dir / "unused").model)
+    root = cache_dir / "family"
+    (root / "bases").mkdir(parents=True, exist_ok=True)
+    for name in FAMILIES:
+        _build(root / "bases" / name, name, tiny)
+    return root
+
+
+@pytest.fixture(scope="module")
+def family_dirs(family_cache: Path) -> dict[str, Path]:
+    return {name: family_cache / "bases" / name for name in FAMILIES}
+
+
+def _cfg(family_cache: Path, out: Path, base: Path, *overrides: str) -> Config:
+    return tiny_config(
+        family_cache,
+        out,
+        f"model.path={base}",
+        "model.quantization=nf4",
+        "server.rounds=1",
+        "simulation.num_clients=2",
+        "train.local_steps=1",
+        "train.lr=0.05",
+        "data.global_eval_size=4",
+        "output.plot=false",
+        *overrides,
+    )
+
+
+def _scale(adapter_config: dict[str, Any]) -> float:
+    """peft's scale of a saved adapter: lora_alpha/r, or lora_alpha/√r under rsLoRA."""
+    r = adapter_config["r"]
+    return float(
+        adapter_config["lora_alpha"] / (math.sqrt(r) if adapter_config["use_rslora"] else r)
+    )
+
+
+def _loads_in_peft(round_dir: Path, base: Path) -> None:
+    """``PeftModel.from_pretrained`` reads every saved tensor back unchanged, and the adapter
+    changes the base's logits."""
+    saved = load_file(str(round_dir / "adapter_model.safetensors"))
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 20, 300, 4000, 17]])
+    with torch.no_grad():
+        before = plain(ids).logits
+    adapted = PeftModel.from_pretrained(plain, str(round_dir)).eval()
+    loaded = get_peft_model_state_dict(adapted)
+    assert loaded.keys() == saved.keys()
+    for key, value in saved.items():
+        torch.testing.assert_close(loaded[key].float(), value.float(), rtol=0, atol=0)
+    with torch.no_grad():
+        assert not torch.allclose(adapted(ids).logits, before), f"{round_dir} changes nothing"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_runs_one_round_and_its_adapter_loads_in_peft(
+    family: str, family_dirs: dict[str, Path], family_cache: Path, tmp_path: Path
+) -> None:
+    base = family_dirs[family]
+    cfg = _cfg(family_cache, tmp_path / "run", base, *RUNS[family])
+
+    rows = run(InProcessGrid(2), cfg)
+
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["clients_ok"] == 2 and math.isfinite(rows[1]["eval_loss"])
+    round_dir = tmp_path / "run" / "round-001"
+    saved = json.loads((round_dir / "adapter_config.json").read_text())
+    assert saved["use_dora"] is cfg.lora.use_dora and saved["use_rslora"] is cfg.lora.use_rslora
+    merged = load_file(str(round_dir / "adapter_model.safetensors"))
+    magnitudes = [k for k in merged if k.endswith("lora_magnitude_vector")]
+    assert bool(magnitudes) is cfg.lora.use_dora
+    if magnitudes:  # trained and merged: no longer DoRA's init
+        initial = fresh_adapter(model.get_lora_model(cfg)[0], cfg.data.seed)
+        assert not torch.allclose(merged[magnitudes[0]], initial[magnitudes[0]])
+    _loads_in_peft(round_dir, base)
+    for rank in sorted(set(cfg.lora.client_ranks) - {cfg.lora.r}):
+        _loads_in_peft(round_dir / f"rank-{rank:02d}", base)
+        low = json.loads((round_dir / f"rank-{rank:02d}" / "adapter_config.json").read_text())
+        assert _scale(low) == pytest.approx(_scale(saved)), "peft's scale equal at every rank"
+
+
+def test_fresh_adapter_resets_dora_magnitudes_to_the_base_row_norms(
+    family_dirs: dict[str, Path], family_cache: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg(
+        family_cache,
+        tmp_path / "run",
+        family_dirs["qwen2"],
+        "lora.use_dora=true",
+        "model.quantization=none",
+    )
+    lora_model = model.get_lora_model(cfg)[0]
+    first = fresh_adapter(lora_model, 0)
+    key = next(k for k in first if k.endswith("lora_magnitude_vector"))
+    for name, param in lora_model.named_parameters():
+        if "lora_magnitude_vector" in name:
+            param.data.mul_(3.0)  # as if a trained adapter had been loaded
+
+    again = fresh_adapter(lora_model, 0)
+
+    torch.testing.assert_close(again[key], first[key])
+    weight = dict(lora_model.named_parameters())[
+        key.replace("lora_magnitude_vector", "base_layer.weight")
+    ]
+    torch.testing.assert_close(first[key], weight.detach().float().norm(dim=1))
+
+
+def test_unsupported_architecture_is_refused_with_the_supported_ones(tmp_path: Path) -> None:
+    GPT2Config(n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
+    cfg = tiny_config(tmp_path / "cache", tmp_path / "run", f"model.path={tmp_path / 'gpt2'}")
+
+    with pytest.raises(ModelError) as err:
+        model.resolve_base_dir(cfg.model)
+
+    message = str(err.value)
+    assert "is a 'gpt2' model; supported architectures" in message
+    for model_type in ("llama", "mistral", "qwen2", "llama4_text"):
+        assert model_type in message
+
+
+def test_nf4_llama4_is_refused_before_loading(family_dirs: dict[str, Path], tmp_path: Path) -> None:
+    cfg = tiny_config(
+        tmp_path / "cache",
+        tmp_path / "run",
+        f"model.path={family_dirs['llama4']}",
+        "model.quantization=nf4",
+    )
+
+    with pytest.raises(ModelError, match="model.quantization=nf4: .* is a 'llama4_text' model"):
+        model.resolve_base_dir(cfg.model)
