@@ -349,7 +349,9 @@ def _canaries_command(args: argparse.Namespace) -> int:
         encoded = data.encode_all(tok, examples, cfg.data)
         if len(encoded) != len(examples):  # a canary is a few dozen tokens: never cut
             raise data.DataError(f"data.max_seq_len={cfg.data.max_seq_len} cuts a canary")
-        stats = likelihood.answer_stats(lm, tok, encoded, cfg.train.eval_batch_size)
+        stats = likelihood.answer_stats(
+            lm, tok, encoded, cfg.train.eval_batch_size, with_base=False
+        )
         losses = [-float(s.logprob.sum()) for s in stats]
         step = 1 + spec.references
         report = canaries.measure(

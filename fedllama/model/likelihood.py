@@ -8,6 +8,7 @@ one model in memory serves both.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,12 +59,15 @@ def answer_stats(
     examples: Sequence[Encoded],
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
+    with_base: bool = True,
 ) -> list[AnswerStats]:
     """Measure every example's answer under ``model`` (a ``peft.PeftModel``) and under its
     base (the adapter disabled), ``batch_size`` examples per forward pass.
 
     Args:
         progress: called as ``progress(done, total)`` after each batch.
+        with_base: False skips the base's pass (``base_logprob`` is then NaN): for a measure
+            that needs the global model only (canaries' exposure).
     """
     device = model_device(model)
     pad_id = int(tokenizer.pad_token_id)
@@ -74,14 +78,18 @@ def answer_stats(
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         logits = model(**inputs).logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
-        with model.disable_adapter():
-            base_logits = model(**inputs).logits[:, :-1]
+        base_logits = logits
+        if with_base:
+            with model.disable_adapter():
+                base_logits = model(**inputs).logits[:, :-1]
         labels = batch["labels"][:, 1:]  # (B, T-1)
         for i, example in enumerate(chunk):
             mask = labels[i] != IGNORE_INDEX
             targets = labels[i][mask]
             chosen, mean, std = _token_stats(logits[i][mask], targets)
-            base, _, _ = _token_stats(base_logits[i][mask], targets)
+            base = (
+                _token_stats(base_logits[i][mask], targets)[0] if with_base else chosen * math.nan
+            )
             answer = [t for t in example.labels if t != IGNORE_INDEX]
             text = str(tokenizer.decode(answer, skip_special_tokens=True))
             out.append(AnswerStats(_numpy(chosen), _numpy(mean), _numpy(std), _numpy(base), text))

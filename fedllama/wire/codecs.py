@@ -279,7 +279,7 @@ class Int8Codec(Codec):
 @dataclass
 class TopkCodec(Codec):
     """The ``fraction`` largest magnitudes of each tensor: int32 flat indices (increasing) and
-    float16 values; the rest is the caller's to keep (:meth:`split`)."""
+    float16 values; the rest is the caller's to keep (:func:`encode_update`)."""
 
     name = "topk"
     lossless = False
@@ -301,20 +301,6 @@ class TopkCodec(Codec):
             key: values.to(torch.float16).numpy(),
             key + INDEX: index.to(torch.int32).numpy(),
         }
-
-    def sent(self, state: AdapterState, keep: frozenset[str]) -> AdapterState:
-        """What the server will decode from ``state`` (the kept part, in float32)."""
-        out = {}
-        for key, value in state.items():
-            if key in keep:
-                out[key] = value
-                continue
-            coded = self.encode_key(key, value.detach().to("cpu", torch.float32), None)
-            dense = torch.zeros(value.numel())
-            index = torch.from_numpy(coded[key + INDEX].astype(np.int64))
-            dense[index] = torch.from_numpy(coded[key].astype(np.float32))
-            out[key] = dense.reshape(value.shape)
-        return out
 
     def decode_key(
         self, key: str, record: Mapping[str, Array], shape: tuple[int, ...]
@@ -373,19 +359,6 @@ class Feedback:
         tmp.replace(self.path)
 
 
-def with_feedback(
-    codec: TopkCodec, encoded: AdapterState, keep: frozenset[str], weight: float, memory: Feedback
-) -> AdapterState:
-    """Top-k with error feedback: add the remembered residual (times ``weight``), return what is
-    sent, and remember what was not."""
-    shapes = {k: tuple(v.shape) for k, v in encoded.items()}
-    owed = memory.load(shapes)
-    total = {k: v + owed[k] * weight if k in owed else v for k, v in encoded.items()}
-    sent = codec.sent(total, keep)
-    memory.save({k: (total[k] - sent[k]) / weight for k in total if k not in keep})
-    return total
-
-
 def encode_update(
     codec: Codec,
     encoded: AdapterState,
@@ -394,12 +367,23 @@ def encode_update(
     seed: int,
     feedback: Path | None = None,
 ) -> ArrayRecord:
-    """A client's reply arrays: ``encoded`` through ``codec``, with ``topk``'s error feedback
-    kept in ``feedback`` (a file; None: no memory) and stochastic rounding seeded by ``seed``
-    (a run is reproducible)."""
-    if isinstance(codec, TopkCodec):
-        encoded = with_feedback(codec, encoded, keep, weight, Feedback(feedback))
-    return codec.encode(encoded, keep, torch.Generator().manual_seed(seed))
+    """A client's reply arrays: ``encoded`` through ``codec``, stochastic rounding seeded by
+    ``seed`` (a run is reproducible). With ``topk`` the residual remembered in ``feedback`` (a
+    file; None: no memory) is added first (times ``weight``), and what the server will not
+    decode is remembered for the next round."""
+    generator = torch.Generator().manual_seed(seed)
+    if not isinstance(codec, TopkCodec):
+        return codec.encode(encoded, keep, generator)
+    memory = Feedback(feedback)
+    shapes = {k: tuple(v.shape) for k, v in encoded.items()}
+    owed = memory.load(shapes)
+    total = {k: v + owed[k] * weight if k in owed else v for k, v in encoded.items()}
+    record = codec.encode(total, keep, generator)
+    sent = codec.decode(dict(record.items()), shapes, keep)  # exactly what the server will see
+    memory.save(
+        {k: (v - torch.from_numpy(sent[k])) / weight for k, v in total.items() if k not in keep}
+    )
+    return record
 
 
 def feedback_path(state_path: Path) -> Path:
