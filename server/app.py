@@ -85,17 +85,11 @@ def check(cfg: Config) -> None:
 
 
 def _check_adapter(cfg: Config, strategy: MergeStrategy) -> None:
-    """DoRA and rsLoRA against the strategy (docs/adapters.md)."""
+    """DoRA against the strategy (docs/adapters.md)."""
     if cfg.lora.use_dora and strategy.dora_refusal:
         raise config_lib.ConfigError(
             f"lora.use_dora: strategy {strategy.name} cannot merge DoRA's magnitude vectors: "
             f"{strategy.dora_refusal}; use one of {_able(cfg, lambda s: not s.dora_refusal)}"
-        )
-    if cfg.lora.use_rslora and strategy.residual:
-        raise config_lib.ConfigError(
-            f"lora.use_rslora: strategy {strategy.name} saves each round's residual folded into "
-            "one adapter at peft scale 1 (r = lora_alpha = its width), which rsLoRA would rescale "
-            "by √width; use lora.use_rslora=false with it"
         )
 
 

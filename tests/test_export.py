@@ -43,9 +43,12 @@ def fedavg_round(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     )
 
 
-@pytest.fixture(scope="module")
-def flora_round(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _round(cache_dir, tmp_path_factory.mktemp("flora") / "run", "strategy.name=flora")
+@pytest.fixture(scope="module", params=[(), ("lora.use_rslora=true",)], ids=["lora", "rslora"])
+def flora_round(
+    cache_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Path:
+    out = tmp_path_factory.mktemp("flora") / "run"
+    return _round(cache_dir, out, "strategy.name=flora", *request.param)
 
 
 def _base_dir(round_dir: Path) -> str:

@@ -251,5 +251,6 @@ def round_adapters(
         scale = cast(ResidualMergeStrategy, merge).scale
         folded = with_residual(view, residual, scale)
         width = rank_of(folded)
-        out.append((rank, folded, {**cfg.lora.peft_kwargs(), "r": width, "lora_alpha": width}))
+        plain = {"r": width, "lora_alpha": width, "use_rslora": False, "use_dora": False}
+        out.append((rank, folded, {**cfg.lora.peft_kwargs(), **plain}))  # peft scale 1
     return out
