@@ -29,7 +29,8 @@ ALLOWED: dict[str, set[str]] = {
     "experiments": {"config", "server.metrics", "server.checkpoint", "errors"},
     "console": {"progress", "server.metrics", "experiments"},
     "cli": {
-        "config", "data", "model", "deploy", "runtime", "server.checkpoint", "server.tensorboard",
+        "config", "data", "model", "deploy", "runtime", "server.checkpoint", "server.metrics",
+        "server.tensorboard",
         "experiments", "console", "progress", "errors",
     },
 }  # fmt: skip
