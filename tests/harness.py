@@ -40,6 +40,19 @@ SCRIPTS = REPO / "scripts"
 NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 
 
+DP_ROW: dict[str, Any] = {
+    "delta": 1e-5,
+    "accountant": "rdp",
+    "noise_multiplier": 1.1,
+    "clip_norm": 0.5,
+    "placement": "central",
+    "sampling": "poisson",
+    "sampling_rate": 0.25,
+    "unit": "client (add/remove one)",
+}
+"""A metrics row's ``dp`` entry (central DP, RDP ledger) without its ε: tests add their own."""
+
+
 def tiny_config(cache_dir: Path, out: Path, *overrides: str) -> Config:
     """The tiny.yaml config pointed at a test cache and output directory."""
     return config_lib.load(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fedllama.experiments import report
 from fedllama.server.metrics import MetricsRow
+from tests.harness import DP_ROW
 
 _KEYS = ("round", "eval_loss", "train_loss", "bytes_up", "bytes_down", "seconds", "clients_ok")
 ROWS = [
@@ -41,17 +42,7 @@ def test_plots_are_written(tmp_path: Path) -> None:
 
 
 def test_a_dp_run_reports_epsilon_with_its_assumptions(tmp_path: Path) -> None:
-    dp = {
-        "epsilon": 2.5,
-        "delta": 1e-5,
-        "accountant": "rdp",
-        "noise_multiplier": 1.1,
-        "clip_norm": 0.5,
-        "placement": "central",
-        "sampling": "poisson",
-        "sampling_rate": 0.1,
-        "unit": "client (add/remove one)",
-    }
+    dp = {**DP_ROW, "epsilon": 2.5, "sampling_rate": 0.1}
     rows = [
         MetricsRow(round=0, eval_loss=3.0, dp={**dp, "epsilon": 0.0}),
         MetricsRow(round=1, eval_loss=2.9, train_loss=3.1, dp=dp),

@@ -15,18 +15,8 @@ from fedllama import config as config_lib
 from fedllama.experiments import report
 from fedllama.server import checkpoint
 from fedllama.server.metrics import MetricsRow, append_row
-from tests.harness import TINY_YAML
+from tests.harness import DP_ROW, TINY_YAML
 
-DP = {
-    "delta": 1e-5,
-    "accountant": "rdp",
-    "noise_multiplier": 1.1,
-    "clip_norm": 0.5,
-    "placement": "central",
-    "sampling": "poisson",
-    "sampling_rate": 0.25,
-    "unit": "client (add/remove one)",
-}
 ROWS = [
     MetricsRow(round=0, eval_loss=3.0, seconds=1.0),
     MetricsRow(
@@ -112,9 +102,13 @@ def test_the_report_links_plots_that_exist_and_shows_the_config(tmp_path: Path) 
 
 def test_a_dp_run_with_leakage_gets_epsilon_and_leakage_plots(tmp_path: Path) -> None:
     rows = [
-        MetricsRow(round=0, eval_loss=3.0, dp={**DP, "epsilon": 0.0}),
-        MetricsRow(round=1, eval_loss=2.9, train_loss=3.1, clients_ok=2, dp={**DP, "epsilon": 1.5}),
-        MetricsRow(round=2, eval_loss=2.8, train_loss=3.0, clients_ok=2, dp={**DP, "epsilon": 2.5}),
+        MetricsRow(round=0, eval_loss=3.0, dp={**DP_ROW, "epsilon": 0.0}),
+        MetricsRow(
+            round=1, eval_loss=2.9, train_loss=3.1, clients_ok=2, dp={**DP_ROW, "epsilon": 1.5}
+        ),
+        MetricsRow(
+            round=2, eval_loss=2.8, train_loss=3.0, clients_ok=2, dp={**DP_ROW, "epsilon": 2.5}
+        ),
     ]
     out = _run(tmp_path / "run", rows, "dp.enabled=true", "dp.noise_multiplier=1.1")
     _leakage(out, 2)
