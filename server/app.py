@@ -85,7 +85,12 @@ def check(cfg: Config) -> None:
 
 
 def _check_adapter(cfg: Config, strategy: MergeStrategy) -> None:
-    """DoRA against the strategy (docs/adapters.md)."""
+    """DoRA and the dense adapter kinds against the strategy (docs/adapters.md)."""
+    if cfg.adapter.dense and strategy.dense_refusal:
+        raise config_lib.ConfigError(
+            f"adapter.kind: strategy {strategy.name} cannot merge a {cfg.adapter.kind} adapter: "
+            f"{strategy.dense_refusal}; use one of {_able(cfg, lambda s: not s.dense_refusal)}"
+        )
     if cfg.lora.use_dora and strategy.dora_refusal:
         raise config_lib.ConfigError(
             f"lora.use_dora: strategy {strategy.name} cannot merge DoRA's magnitude vectors: "

@@ -68,6 +68,10 @@ class SlotAveraged:
     dp_refusal: ClassVar[str] = ""
     robust_refusal: ClassVar[str] = ""
     dora_refusal: ClassVar[str] = ""
+    dense_refusal: ClassVar[str] = (
+        "it averages LoRA's rank slots (rows of A, columns of B) and a dense adapter has none; "
+        "its example-weighted average is strategy fedavg"
+    )
 
     def __init__(self, cfg: Config) -> None:
         self.global_rank = cfg.lora.r
@@ -143,6 +147,10 @@ class SendsFactors(SlotAveraged):
     dora_refusal: ClassVar[str] = (
         "it is a trusted-server rule that merges each client's product B_k A_k, and under DoRA "
         "a client's update is not s·B_k A_k but m_k (W0 + s·B_k A_k) / ‖W0 + s·B_k A_k‖"
+    )
+    dense_refusal: ClassVar[str] = (
+        "it is a trusted-server rule that merges each client's LoRA product B_k A_k, which a "
+        "dense adapter does not have"
     )
 
     def encode(

@@ -6,7 +6,8 @@ as FedAvg (McMahan et al., AISTATS 2017) averages model weights. Every client mu
 global rank: a rank mismatch is refused (heterogeneous ranks need another strategy).
 
 DoRA (Liu et al., ICML 2024): the magnitude vectors are trained tensors like A and B and are
-averaged the same way, m' = Σ_k w_k m_k / Σ_k w_k.
+averaged the same way, m' = Σ_k w_k m_k / Σ_k w_k. So is every tensor of a dense adapter
+(``adapter.kind``: LLaMA-Adapter, IA³, prompt and prefix tuning): FedAvg itself.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from fedllama.config import Config
-from fedllama.merge import WEIGHT_KEY, AdapterState, MergeError, rank_of, weighted_mean
+from fedllama.merge import WEIGHT_KEY, AdapterState, MergeError, is_dense, rank_of, weighted_mean
 
 
 class FedAvg:
@@ -31,6 +32,7 @@ class FedAvg:
     dp_refusal: ClassVar[str] = ""
     robust_refusal: ClassVar[str] = ""
     dora_refusal: ClassVar[str] = ""
+    dense_refusal: ClassVar[str] = ""
 
     def __init__(self, cfg: Config | None = None) -> None:
         """FedAvg has no settings."""
@@ -45,6 +47,8 @@ class FedAvg:
 
     def client_view(self, global_state: AdapterState, rank: int) -> AdapterState:
         """The global adapter, unchanged; refuses a client rank other than the global one."""
+        if is_dense(global_state):  # adapter.kind other than lora: one shape, no rank
+            return {k: v.clone() for k, v in global_state.items()}
         global_rank = rank_of(global_state)
         if rank != global_rank:
             raise MergeError(

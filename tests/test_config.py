@@ -140,7 +140,7 @@ def test_a_serialised_config_round_trips() -> None:
     [
         (
             "- model\n- lora\n",
-            "is a YAML list; expected a mapping of sections (model:, lora:",
+            "is a YAML list; expected a mapping of sections (model:, adapter:, lora:",
         ),
         ("", "is empty; give at least one section"),
         ("# only a comment\n", "is empty"),

@@ -68,7 +68,17 @@ class NodeSettings:
 
     def rank(self, cfg: Config) -> int:
         """This node's LoRA rank: ``lora-rank``, else ``lora.client_ranks`` by partition, else
-        ``lora.r``."""
+        ``lora.r``. A dense adapter (``adapter.kind``) has no rank: ``lora-rank`` is refused.
+
+        Raises:
+            ClientSetupError: ``lora-rank`` set under a dense ``adapter.kind``.
+        """
+        if self.lora_rank is not None and cfg.adapter.dense:
+            raise ClientSetupError(
+                f"node config lora-rank={self.lora_rank}: mixed ranks apply to LoRA only, and "
+                f"this run trains adapter.kind={cfg.adapter.kind}; start the SuperNode "
+                "without lora-rank"
+            )
         if self.lora_rank is not None:
             return self.lora_rank
         if cfg.lora.client_ranks and self.partition_id is not None:

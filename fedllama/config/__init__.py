@@ -41,6 +41,7 @@ from fedllama.config.sections import (
     QUANTIZATIONS,
     SERVER_OPTIMIZERS,
     WIRE_CODECS,
+    AdapterConfig,
     ConfigError,
     DataConfig,
     LoraConfig,
@@ -69,6 +70,7 @@ __all__ = [
     "QUANTIZATIONS",
     "SERVER_OPTIMIZERS",
     "WIRE_CODECS",
+    "AdapterConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -94,6 +96,7 @@ class Config:
     """A whole fedllama run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -120,6 +123,8 @@ class Config:
             f"is {self.server.min_replies}, more than simulation.num_clients="
             f"{self.simulation.num_clients}",
         )
+        if self.adapter.dense:
+            self._check_dense()
         if self.dp.enabled:
             self._check_dp()
         if self.robust.enabled:
@@ -138,6 +143,24 @@ class Config:
                 f"is {self.secagg.quantization_bits}: the 64-bit sum holds at most "
                 f"{self.secagg.max_clients} clients, simulation.num_clients is "
                 f"{self.simulation.num_clients}",
+            )
+
+    def _check_dense(self) -> None:
+        """A dense adapter (``adapter.kind`` other than lora) has one shape on every client and
+        none of LoRA's options."""
+        kind = self.adapter.kind
+        _require(
+            not self.lora.client_ranks,
+            "lora.client_ranks",
+            f"mixed ranks apply to LoRA only; adapter.kind={kind} has one shape on every client "
+            "(remove lora.client_ranks or use adapter.kind=lora)",
+        )
+        for key in ("use_dora", "use_rslora"):
+            _require(
+                not getattr(self.lora, key),
+                f"lora.{key}",
+                f"is a LoRA option; adapter.kind={kind} is not LoRA (set it false or use "
+                "adapter.kind=lora)",
             )
 
     def _check_wire(self) -> None:

@@ -79,6 +79,80 @@ Llama 4's attention and shared expert share these names (docs/adapters.md); ``al
 peft's own: every linear layer but the output head."""
 
 
+ADAPTER_KINDS: dict[str, str] = {
+    "lora": "LORA",
+    "llama-adapter": "ADAPTION_PROMPT",
+    "ia3": "IA3",
+    "prompt-tuning": "PROMPT_TUNING",
+    "prefix-tuning": "PREFIX_TUNING",
+}
+"""``adapter.kind`` -> the ``peft.PeftType`` that builds it (docs/adapters.md)."""
+
+
+@dataclass
+class AdapterConfig:
+    """Which kind of adapter clients train, each built by peft.
+
+    ``lora`` (with ``lora.*``: DoRA, rsLoRA, presets, mixed ranks) is the default. The others
+    are *dense*: one fixed-shape state on every client, merged by example-weighted averaging
+    (FedAvg) only, with every client at the same shape.
+
+    - ``llama-adapter``: LLaMA-Adapter (Zhang et al., "LLaMA-Adapter: Efficient Fine-tuning of
+      Large Language Models with Zero-initialized Attention", ICLR 2024), peft's adaption
+      prompt: ``adapter_len`` learned prompt vectors in each of the top ``adapter_layers``
+      attention layers behind a zero-initialised gate (LLaMA and Mistral models only).
+    - ``ia3``: IA³ (Liu et al., "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper
+      than In-Context Learning", NeurIPS 2022): learned rescaling vectors on keys, values and
+      the MLP's down projection (peft's targets for the architecture).
+    - ``prompt-tuning`` (Lester et al., EMNLP 2021): ``num_virtual_tokens`` learned input
+      embeddings in front of every example.
+    - ``prefix-tuning`` (Li & Liang, ACL 2021): ``num_virtual_tokens`` learned key/value
+      prefixes in every layer (peft's default, without the reparametrising MLP).
+    """
+
+    kind: str = "lora"
+    """``lora``, ``llama-adapter``, ``ia3``, ``prompt-tuning`` or ``prefix-tuning``."""
+    num_virtual_tokens: int = 16
+    """``prompt-tuning`` and ``prefix-tuning``: virtual tokens (peft's ``num_virtual_tokens``)."""
+    adapter_len: int = 10
+    """``llama-adapter``: prompt vectors per adapted layer (peft's ``adapter_len``)."""
+    adapter_layers: int = 0
+    """``llama-adapter``: the top layers adapted (peft's ``adapter_layers``); 0 = all layers."""
+
+    @property
+    def dense(self) -> bool:
+        """Any kind but LoRA: a fixed-shape state, merged by FedAvg."""
+        return self.kind != "lora"
+
+    def peft_kwargs(self, num_layers: int) -> dict[str, Any]:
+        """What ``peft.get_peft_config`` takes for a dense kind (``peft_type`` included), for a
+        model of ``num_layers`` layers (``llama-adapter`` with ``adapter_layers=0``)."""
+        kwargs: dict[str, Any] = {"peft_type": ADAPTER_KINDS[self.kind]}
+        if self.kind == "llama-adapter":
+            kwargs.update(
+                adapter_len=self.adapter_len, adapter_layers=self.adapter_layers or num_layers
+            )
+        elif self.kind in ("prompt-tuning", "prefix-tuning"):
+            kwargs["num_virtual_tokens"] = self.num_virtual_tokens
+        return kwargs
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, "adapter.kind", tuple(ADAPTER_KINDS))
+        _require(
+            self.num_virtual_tokens >= 1,
+            "adapter.num_virtual_tokens",
+            f"must be >= 1, got {self.num_virtual_tokens}",
+        )
+        _require(
+            self.adapter_len >= 1, "adapter.adapter_len", f"must be >= 1, got {self.adapter_len}"
+        )
+        _require(
+            self.adapter_layers >= 0,
+            "adapter.adapter_layers",
+            f"must be >= 0 (0 = every layer), got {self.adapter_layers}",
+        )
+
+
 @dataclass
 class LoraConfig:
     """LoRA settings, named exactly as ``peft.LoraConfig`` names them.

@@ -14,7 +14,7 @@ from fedllama.merge.interface import (
     TrustedMergeStrategy,
     frozen_key,
 )
-from fedllama.merge.lora import is_a, is_b, lora_pairs, pad, rank_of
+from fedllama.merge.lora import is_a, is_b, is_dense, lora_pairs, pad, rank_of
 from fedllama.merge.residual import (
     RESIDUAL,
     add_residual,
@@ -38,6 +38,7 @@ __all__ = [
     "frozen_key",
     "is_a",
     "is_b",
+    "is_dense",
     "lora_pairs",
     "pad",
     "rank_of",

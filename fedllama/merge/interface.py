@@ -57,6 +57,9 @@ class MergeStrategy(Protocol):
     dora_refusal: ClassVar[str]
     """Why this rule cannot merge DoRA's magnitude vectors (``lora.use_dora``; Liu et al., ICML
     2024); empty when it can (docs/adapters.md)."""
+    dense_refusal: ClassVar[str]
+    """Why this rule cannot merge a dense adapter (``adapter.kind``: LLaMA-Adapter, IA³, prompt
+    or prefix tuning: no LoRA factors, one shape on every client); empty when it can."""
 
     def frozen(self, server_round: int) -> frozenset[str]:
         """LoRA factors (``"lora_A"``, ``"lora_B"``) clients keep fixed in ``server_round``.

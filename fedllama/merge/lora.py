@@ -37,6 +37,12 @@ def lora_pairs(state: AdapterState) -> list[tuple[str, str]]:
     return [(k, k.replace("lora_A", "lora_B")) for k in state if is_a(k)]
 
 
+def is_dense(state: AdapterState) -> bool:
+    """A state without LoRA factors: a dense adapter (``adapter.kind``: LLaMA-Adapter, IA³,
+    prompt or prefix tuning), the same shapes on every client."""
+    return not any(is_a(key) or is_b(key) for key in state)
+
+
 def rank_of(state: AdapterState) -> int:
     """The LoRA rank of an adapter state (rows of its A matrices)."""
     ranks = {int(v.shape[0]) for k, v in state.items() if is_a(k)}

@@ -1,4 +1,4 @@
-"""Strict get/set of LoRA adapter state, deltas, and PEFT-format save/load.
+"""Strict get/set of adapter state (LoRA's or a dense kind's), deltas, PEFT-format save/load.
 
 Keys are peft's state-dict keys without the adapter name (``get_peft_model_state_dict``), e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` — identical on every client.
@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from fedllama.merge.interface import AdapterState
 
+PROMPT_EMBEDDINGS = "prompt_embeddings"
+"""Prompt and prefix tuning's one key: the virtual tokens' embeddings (peft's prompt encoder)."""
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -61,6 +63,11 @@ def set_adapter_state(model: Any, state: AdapterState) -> None:
     check_compatible(current, state)
     result = set_peft_model_state_dict(model, state)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if model.active_peft_config.is_prompt_learning:  # loaded into the prompt encoder instead
+        unexpected.remove(PROMPT_EMBEDDINGS)
+        loaded = model.get_prompt_embedding_to_save(model.active_adapter)
+        if not torch.equal(loaded.to("cpu", torch.float32), state[PROMPT_EMBEDDINGS].float()):
+            raise AdapterError(f"peft did not load {PROMPT_EMBEDDINGS} into the prompt encoder")
     if unexpected:
         raise AdapterError(f"peft did not load {len(unexpected)} keys, e.g. {unexpected[0]}")
 
@@ -82,14 +89,16 @@ def save_adapter(
     Args:
         directory: created if missing.
         state: adapter weights keyed like :func:`get_adapter_state`.
-        lora: ``peft.LoraConfig`` keyword arguments (``cfg.lora.peft_kwargs()``).
+        lora: ``peft.LoraConfig`` keyword arguments (``cfg.lora.peft_kwargs()``), or another
+            kind's with its ``peft_type`` (``cfg.adapter.peft_kwargs(layers)``).
         base_dir: local base model directory recorded as ``base_model_name_or_path``.
     """
-    from peft import LoraConfig
+    from peft import get_peft_config
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    config = LoraConfig(**lora, task_type="CAUSAL_LM", base_model_name_or_path=str(base_dir))
+    kwargs = {"peft_type": "LORA", **lora, "task_type": "CAUSAL_LM"}
+    config = get_peft_config({**kwargs, "base_model_name_or_path": str(base_dir)})
     config.save_pretrained(str(out))
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / ADAPTER_WEIGHTS))
     return out

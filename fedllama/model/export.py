@@ -8,6 +8,7 @@ to the chosen dtype; the 4-bit base a run trains on is never what is merged into
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -55,6 +56,7 @@ def export_merged(source: RoundSource, out: Path, dtype: str = "fp32", force: bo
             (and not ``force``) or would replace the round or the base.
     """
     torch_dtype = _dtype(dtype)
+    _check_mergeable(source)
     base_dir = source.base_dir()
     _check_out(out, force, source, base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -67,6 +69,23 @@ def export_merged(source: RoundSource, out: Path, dtype: str = "fp32", force: bo
         tokenizer.save_pretrained(tmp)
 
     return _publish(out, force, write)
+
+
+MERGEABLE = ("LORA", "IA3")
+"""peft types whose adapter folds into the base's weights (``merge_and_unload``)."""
+
+
+def _check_mergeable(source: RoundSource) -> None:
+    """Refuse a round whose adapter acts on activations (LLaMA-Adapter's gated prompts,
+    prompt and prefix tuning's virtual tokens): no weight of the base can hold it."""
+    config = json.loads((source.adapter_dir / adapters.ADAPTER_CONFIG).read_text())
+    kind = str(config.get("peft_type", "LORA"))
+    if kind not in MERGEABLE:
+        raise ServeError(
+            f"a {kind} adapter cannot be merged into its base: it adds prompts or prefixes to "
+            "the activations, which no weight of the base holds; export it without --merged "
+            "(a PEFT adapter that PeftModel.from_pretrained loads)"
+        )
 
 
 def _dtype(name: str) -> torch.dtype:

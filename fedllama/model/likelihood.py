@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedllama.data import IGNORE_INDEX, Encoded, collate
-from fedllama.model.train import model_device
+from fedllama.model.train import model_device, token_logits
 
 
 @dataclass
@@ -76,12 +76,12 @@ def answer_stats(
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        logits = model(**inputs).logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+        inputs = (batch["input_ids"], batch["attention_mask"])
+        logits = token_logits(model, *inputs)[:, :-1]  # (B, T-1, V): t predicts token t+1
         base_logits = logits
         if with_base:
             with model.disable_adapter():
-                base_logits = model(**inputs).logits[:, :-1]
+                base_logits = token_logits(model, *inputs)[:, :-1]
         labels = batch["labels"][:, 1:]  # (B, T-1)
         for i, example in enumerate(chunk):
             mask = labels[i] != IGNORE_INDEX

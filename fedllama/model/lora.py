@@ -21,6 +21,7 @@ from transformers import (
 from fedllama.config import Config
 from fedllama.config.sections import TARGET_PRESETS
 from fedllama.model.base import ModelError, load_base, load_tokenizer, resolve_base_dir
+from fedllama.model.kinds import build_dense_model, reset_dense
 
 TRAINABLE = "default"
 """peft's name of the adapter clients train (its keys are the adapter state's keys)."""
@@ -31,7 +32,8 @@ RESIDUAL_ADAPTER = "residual"
 
 
 def build_lora_model(cfg: Config, base: PreTrainedModel) -> Any:
-    """Wrap a base model with a trainable LoRA adapter (``peft.PeftModel``).
+    """Wrap a base model with a trainable LoRA adapter (``peft.PeftModel``), or with the dense
+    adapter ``adapter.kind`` names (``fedllama.model.kinds``).
 
     Raises:
         ModelError: a name in ``lora.target_modules`` (after its preset is resolved) matches no
@@ -46,6 +48,8 @@ def build_lora_model(cfg: Config, base: PreTrainedModel) -> Any:
     elif cfg.train.gradient_checkpointing:
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()
+    if cfg.adapter.dense:
+        return build_dense_model(cfg, base)
     lora = LoraConfig(**cfg.lora.peft_kwargs(), task_type="CAUSAL_LM")
     targets = cfg.lora.modules()
     missing = [m for m in targets if not _has_module(base, m)] if isinstance(targets, list) else []
@@ -68,6 +72,7 @@ def fresh_adapter(lora_model: Any, seed: int) -> dict[str, torch.Tensor]:
     The model is cached per process and holds whatever adapter was loaded last, so the initial
     global adapter is re-drawn here rather than read off the model. Under DoRA each magnitude
     vector is re-initialised as peft does, to the row norms of W0 + s·B A (= ‖W0‖ with B = 0).
+    A dense adapter (``adapter.kind``) is re-drawn by ``kinds.reset_dense``.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -75,6 +80,7 @@ def fresh_adapter(lora_model: Any, seed: int) -> dict[str, torch.Tensor]:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        reset_dense(lora_model)  # draws nothing for a LoRA model
         for module in lora_model.modules():
             if isinstance(module, LoraLayer):
                 module.reset_lora_parameters(TRAINABLE, True)
@@ -150,7 +156,14 @@ _CACHE_SIZE = 4
 
 
 def _cache_key(cfg: Config) -> str:
-    return json.dumps([asdict(cfg.model), cfg.lora.peft_kwargs(), cfg.train.gradient_checkpointing])
+    return json.dumps(
+        [
+            asdict(cfg.model),
+            asdict(cfg.adapter),
+            cfg.lora.peft_kwargs(),
+            cfg.train.gradient_checkpointing,
+        ]
+    )
 
 
 def get_lora_model(cfg: Config) -> tuple[Any, PreTrainedTokenizerBase]:

@@ -129,6 +129,13 @@ def train_local(
     )
 
 
+def token_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) aligned with ``input_ids`` (B, T): prompt tuning's virtual tokens, which
+    peft puts in front of the input, are cut off."""
+    logits: torch.Tensor = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits[:, -input_ids.shape[1] :]
+
+
 @torch.no_grad()
 def evaluate(model: Any, examples: Sequence[Encoded], batch_size: int, pad_id: int) -> float:
     """Mean per-token loss on the answer tokens of ``examples`` (NaN when empty)."""
@@ -139,7 +146,7 @@ def evaluate(model: Any, examples: Sequence[Encoded], batch_size: int, pad_id: i
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = token_logits(model, batch["input_ids"], batch["attention_mask"])
         shift_logits = logits[:, :-1].float()
         shift_labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(

@@ -234,13 +234,17 @@ def write_config(out: Path, cfg: Config) -> None:
 def round_adapters(
     cfg: Config, merge: MergeStrategy, global_state: AdapterState
 ) -> list[tuple[int, AdapterState, dict[str, Any]]]:
-    """The PEFT adapters a round directory holds: (client rank, weights, LoraConfig kwargs),
-    at ``lora.r`` first, then at every other rank of ``lora.client_ranks``.
+    """The PEFT adapters a round directory holds: (client rank, weights, peft config kwargs),
+    at ``lora.r`` first, then at every other rank of ``lora.client_ranks``; a dense adapter
+    (``adapter.kind``) is the global state itself, once.
 
     With a residual (exact strategies) the residual and the view are folded into one adapter
     at peft scale 1 (``merge.with_residual``), so that one ``PeftModel.from_pretrained`` gives
     the whole global model.
     """
+    if cfg.adapter.dense:  # one shape on every client; LLaMA-Adapter: a gate per layer
+        layers = sum(key.endswith("adaption_gate") for key in global_state)
+        return [(cfg.lora.r, dict(global_state), cfg.adapter.peft_kwargs(layers))]
     out = []
     for rank in [cfg.lora.r, *sorted(set(cfg.lora.client_ranks) - {cfg.lora.r})]:
         view = merge.client_view(global_state, rank)

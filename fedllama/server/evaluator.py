@@ -23,7 +23,7 @@ class Evaluator:
         self.examples = data.encode_all(self.tokenizer, held, cfg.data)
 
     def initial_adapter(self) -> AdapterState:
-        """A freshly initialised adapter (peft's init: A random, B zero) from ``data.seed``."""
+        """A fresh adapter, peft's init (LoRA: A random, B zero) drawn from ``data.seed``."""
         return model.fresh_adapter(self.model, self.cfg.data.seed)
 
     def __call__(self, adapter: AdapterState, residual: AdapterState | None = None) -> float:
