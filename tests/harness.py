@@ -100,6 +100,32 @@ def run(grid: InProcessGrid, cfg: Config) -> list[dict[str, Any]]:
     return [row.to_json() for row in rows]
 
 
+def loads_in_peft(round_dir: Path, base: Path) -> None:
+    """``PeftModel.from_pretrained`` reads every saved tensor of a round back unchanged, and the
+    adapter changes the base's logits (prompt tuning's virtual tokens cut off)."""
+    import torch
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fedllama.model.train import token_logits
+
+    saved = load_file(str(round_dir / "adapter_model.safetensors"))
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 20, 300, 4000, 17]])
+    with torch.no_grad():
+        before = plain(ids).logits
+    adapted = PeftModel.from_pretrained(plain, str(round_dir)).eval()
+    loaded = get_peft_model_state_dict(adapted)
+    assert loaded.keys() == saved.keys()
+    for key, value in saved.items():
+        torch.testing.assert_close(loaded[key].float(), value.float(), rtol=0, atol=0)
+    with torch.no_grad():
+        after = token_logits(adapted, ids, torch.ones_like(ids))
+    assert after.shape == before.shape, "logits not aligned with the input"
+    assert not torch.allclose(after, before), f"{round_dir} changes nothing"
+
+
 # --------------------------------------------------------------------------- processes
 
 

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 import server.app
 from fedllama import data, model
@@ -24,7 +22,7 @@ from fedllama.config import ConfigError
 from fedllama.model import train
 from fedllama.model.export import export_merged
 from fedllama.model.serve import ServeError, open_round
-from tests.harness import InProcessGrid, run, tiny_config
+from tests.harness import InProcessGrid, loads_in_peft, run, tiny_config
 
 KINDS = ("llama-adapter", "ia3", "prompt-tuning", "prefix-tuning")
 FEW = ("server.rounds=1", "simulation.num_clients=2", "train.local_steps=3", "train.lr=0.05")
@@ -46,19 +44,7 @@ def test_each_kind_federates_and_its_round_loads_in_peft(
     saved = load_file(str(round_dir / "adapter_model.safetensors"))
     assert saved.keys() == initial.keys() and not any("lora_" in k for k in saved)
     assert any(not torch.equal(saved[k], initial[k]) for k in saved), "the round trained nothing"
-    base_dir = model.resolve_base_dir(cfg.model)
-    plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([[1, 20, 300, 4000, 17]])
-    with torch.no_grad():
-        before = plain(ids).logits
-    adapted = PeftModel.from_pretrained(plain, str(round_dir)).eval()
-    loaded = get_peft_model_state_dict(adapted)
-    assert loaded.keys() == saved.keys()
-    for key, value in saved.items():
-        torch.testing.assert_close(loaded[key].float(), value, rtol=0, atol=0)
-    with torch.no_grad():
-        after = train.token_logits(adapted, ids, torch.ones_like(ids))
-    assert after.shape == before.shape and not torch.allclose(after, before)
+    loads_in_peft(round_dir, model.resolve_base_dir(cfg.model))
 
 
 def test_fedavg_of_a_dense_kind_under_secagg_equals_the_plain_mean(

@@ -17,10 +17,8 @@ from typing import Any
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
     Llama4ForCausalLM,
@@ -37,7 +35,7 @@ from fedllama import model
 from fedllama.config import Config
 from fedllama.model import ModelError
 from fedllama.model.lora import fresh_adapter
-from tests.harness import InProcessGrid, run, tiny_config
+from tests.harness import InProcessGrid, loads_in_peft, run, tiny_config
 
 SMALL = {
     "hidden_size": 64,
@@ -172,23 +170,6 @@ def _scale(adapter_config: dict[str, Any]) -> float:
     )
 
 
-def _loads_in_peft(round_dir: Path, base: Path) -> None:
-    """``PeftModel.from_pretrained`` reads every saved tensor back unchanged, and the adapter
-    changes the base's logits."""
-    saved = load_file(str(round_dir / "adapter_model.safetensors"))
-    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    ids = torch.tensor([[1, 20, 300, 4000, 17]])
-    with torch.no_grad():
-        before = plain(ids).logits
-    adapted = PeftModel.from_pretrained(plain, str(round_dir)).eval()
-    loaded = get_peft_model_state_dict(adapted)
-    assert loaded.keys() == saved.keys()
-    for key, value in saved.items():
-        torch.testing.assert_close(loaded[key].float(), value.float(), rtol=0, atol=0)
-    with torch.no_grad():
-        assert not torch.allclose(adapted(ids).logits, before), f"{round_dir} changes nothing"
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_runs_one_round_and_its_adapter_loads_in_peft(
     family: str, family_dirs: dict[str, Path], family_cache: Path, tmp_path: Path
@@ -209,9 +190,9 @@ def test_family_runs_one_round_and_its_adapter_loads_in_peft(
     if magnitudes:  # trained and merged: no longer DoRA's init
         initial = fresh_adapter(model.get_lora_model(cfg)[0], cfg.data.seed)
         assert not torch.allclose(merged[magnitudes[0]], initial[magnitudes[0]])
-    _loads_in_peft(round_dir, base)
+    loads_in_peft(round_dir, base)
     for rank in sorted(set(cfg.lora.client_ranks) - {cfg.lora.r}):
-        _loads_in_peft(round_dir / f"rank-{rank:02d}", base)
+        loads_in_peft(round_dir / f"rank-{rank:02d}", base)
         low = json.loads((round_dir / f"rank-{rank:02d}" / "adapter_config.json").read_text())
         assert _scale(low) == pytest.approx(_scale(saved)), "peft's scale equal at every rank"
 
