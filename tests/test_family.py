@@ -246,3 +246,17 @@ def test_nf4_llama4_is_refused_before_loading(family_dirs: dict[str, Path], tmp_
 
     with pytest.raises(ModelError, match="model.quantization=nf4: .* is a 'llama4_text' model"):
         model.resolve_base_dir(cfg.model)
+
+
+def test_llama_adapter_is_refused_beyond_llama_and_mistral_and_past_the_layers(
+    family_dirs: dict[str, Path], family_cache: Path, tmp_path: Path
+) -> None:
+    kind = ("adapter.kind=llama-adapter", "model.quantization=none")
+    cfg = _cfg(family_cache, tmp_path / "run", family_dirs["qwen2"], *kind)
+    with pytest.raises(ModelError, match="supports llama, mistral models, this base is qwen2"):
+        model.get_lora_model(cfg)
+    cfg = _cfg(
+        family_cache, tmp_path / "run", family_dirs["mistral"], *kind, "adapter.adapter_layers=3"
+    )
+    with pytest.raises(ModelError, match=r"adapter.adapter_layers=3: the base has 2 layers"):
+        model.get_lora_model(cfg)
