@@ -92,6 +92,46 @@ def test_nf4_quantizes_linears_trains_lora_and_never_touches_the_base(nf4_cfg: C
     assert any(not torch.equal(adapter_before[k], adapter_after[k]) for k in adapter_before)
 
 
+def test_an_nf4_model_trains_with_the_same_gradients_after_an_evaluation(
+    nf4_cfg: Config,
+) -> None:
+    # bitsandbytes repacks NF4 weights for a CPU inference kernel without a backward at the
+    # first no-grad eval forward (CPUs with AVX512-BF16); a simulated client evaluates after it
+    # trains, and its Ray worker trains the next client on the same model
+    lora_model = model.build_lora_model(nf4_cfg, model.load_base(nf4_cfg.model))
+    tok = model.load_tokenizer(model.resolve_base_dir(nf4_cfg.model))
+    examples = data.encode_all(
+        tok, data.demo_federation(Path(nf4_cfg.model.cache_dir), 8)["general"], nf4_cfg.data
+    )
+    batch = data.collate(examples[:4], int(tok.pad_token_id))
+    state = adapters.get_adapter_state(lora_model)
+    torch.manual_seed(1)  # B = 0 at init would leave A without a gradient
+    adapters.set_adapter_state(
+        lora_model, {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
+    )
+
+    def grads() -> list[torch.Tensor]:
+        lora_model.train()
+        lora_model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks
+        lora_model(**batch).loss.backward()
+        return [p.grad.clone() for p in lora_model.parameters() if p.grad is not None]
+
+    before = grads()
+    train.evaluate(lora_model, examples, 4, int(tok.pad_token_id))
+    after = grads()
+
+    packed = [
+        m.weight.quant_state
+        for m in lora_model.modules()
+        if getattr(getattr(m, "weight", None), "quant_state", None) is not None
+    ]
+    assert packed and not any(getattr(s, "packing_format_for_cpu", False) for s in packed)
+    assert len(after) == len(before) > 0
+    pairs = zip(after, before, strict=True)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in pairs)
+
+
 def test_quantized_base_is_cached_on_disk_and_reused(nf4_cfg: Config, monkeypatch) -> None:
     model.load_base(nf4_cfg.model)
     cached = [p for p in (Path(nf4_cfg.model.cache_dir) / "quantized").iterdir() if p.is_dir()]

@@ -301,6 +301,23 @@ def _bnb_config(dtype: torch.dtype) -> Any:
     )
 
 
+def keep_nf4_trainable(model: Any) -> int:
+    """Keep bitsandbytes' NF4 layers in the layout training uses; the number of layers set.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.48+) repacks an NF4 layer's weight for its CPU
+    inference kernel at the first forward in eval mode without grad, and keeps it repacked; that
+    kernel has no backward, so every training step after an evaluation gets no gradient through
+    the base layers (torch warns "bitsandbytes::gemv_4bit: an autograd kernel was not
+    registered"; LoRA gradients shrink ~100-1000x). A simulated client evaluates after it trains
+    and its Ray worker reuses the model for the next client, so the repacking stays off: every
+    forward uses the dequantizing kernel training uses.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def load_base(cfg: ModelConfig) -> PreTrainedModel:
     """Load the base model, quantized to NF4 when asked (from the on-disk cache when present).
 
@@ -334,6 +351,7 @@ def load_base(cfg: ModelConfig) -> PreTrainedModel:
     # 4-bit weights plus their scales: under a third of a 16-bit checkpoint, an eighth of fp32
     _build_atomically(qdir, build, _weights_bytes(base_dir) // 3)
     model = AutoModelForCausalLM.from_pretrained(qdir, device_map=device_map)
+    keep_nf4_trainable(model)
     how = "quantized to NF4 now and cached" if built else "NF4 from the disk cache"
     log.info("base model loaded in %.2f s (%s, %s)", time.perf_counter() - t0, base_dir.name, how)
     return model  # type: ignore[no-any-return]
