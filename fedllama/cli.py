@@ -12,6 +12,8 @@
     fedllama canaries RUN_DIR [--rounds all]     canaries' exposure, an empirical ε lower bound
     fedllama sweep    SWEEP.yaml [key=value ...]  a grid of overrides x seeds, resumable
     fedllama report   RUN_DIR                    the run's report.md (written after every run too)
+    fedllama baseline CONFIG [key=value ...] [--kind centralized|local|both]
+                                                 centralized and local-only baselines of a run
 
 ``simulate`` runs the same ServerApp and ClientApp that ``pyproject.toml`` declares for
 ``flwr run`` (``server.app:app``, ``clients.app:app``). This module is the composition root: the
@@ -364,6 +366,49 @@ def _canaries_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_baseline_command(sub: Any) -> None:
+    p = sub.add_parser("baseline", help="centralized and local-only baselines of a config")
+    p.add_argument("config", help="YAML config, e.g. simulations/configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as the run had them")
+    p.add_argument("--kind", default="both", help="centralized, local or both (default)")
+
+
+def _baseline_command(args: argparse.Namespace) -> int:
+    """``fedllama baseline``: measure the baselines into ``<output.dir>/baselines/``, refresh
+    the run's report when the directory holds a run, and print the comparison."""
+    from fedllama.model import baseline
+
+    if args.kind not in baseline.KINDS:
+        raise config_lib.ConfigError(
+            f"--kind {args.kind!r}: expected one of {', '.join(baseline.KINDS)}",
+            hint="e.g. --kind centralized",
+        )
+    try:
+        cfg = _load_checked(args)
+    except config_lib.ConfigError:
+        raise
+    except ValueError as err:  # a check across sections
+        raise config_lib.ConfigError(str(err)) from err
+    out = Path(cfg.output.dir)
+    saved = out / "config.yaml"
+    if saved.is_file():  # a baseline beside a run must be of the run's config
+        differ = report_lib.baseline_differences(
+            baseline.resolved_keys(cfg), config_lib.from_yaml(saved.read_text())
+        )
+        if differ:
+            raise config_lib.ConfigError(
+                f"output.dir={str(out)!r} holds a run of another config ({differ})",
+                hint=f"pass the run's own config and overrides, or a new output.dir ({saved})",
+            )
+    for path in baseline.run_baselines(cfg, args.kind):
+        print(f"written: {path}")
+    if (out / "metrics.jsonl").is_file():
+        print(f"report: {report_lib.write_run_report(out, cfg.output.plot)}")
+        for line in report_lib.baseline_summary(out):
+            print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedllama`` command."""
     parser = argparse.ArgumentParser(prog="fedllama", description=__doc__.split("\n\n")[0])
@@ -382,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_canaries_command(sub)
     sweep_lib.add_sweep_command(sub)
     report_lib.add_report_command(sub)
+    _add_baseline_command(sub)
     verbose = "show tracebacks, and every library's output as it comes (simulate)"
     parser.add_argument("-v", "--verbose", action="store_true", help=verbose)
     for command in sub.choices.values():  # after the command too: fedllama simulate X -v
@@ -403,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(args: argparse.Namespace) -> int:
     if args.command in deploy_cli.COMMANDS:
         return deploy_cli.run_command(args)
-    if args.command in (*ROUND_COMMANDS, "leakage", "canaries") and not args.verbose:
+    if args.command in (*ROUND_COMMANDS, "leakage", "canaries", "baseline") and not args.verbose:
         quiet_libraries()  # their output is the answer; simulate keeps the chatter in run.log
         if args.command in ROUND_COMMANDS:  # and the answer alone: no "base model loaded"
             logging.getLogger("fedllama").setLevel(logging.WARNING)
@@ -419,6 +465,8 @@ def _run_command(args: argparse.Namespace) -> int:
         return sweep_lib.sweep_command(args, check=check)
     if args.command == "report":
         return report_lib.report_command(args)
+    if args.command == "baseline":
+        return _baseline_command(args)
     try:
         cfg = _load_checked(args)
     except config_lib.ConfigError:

@@ -8,7 +8,8 @@ import html
 import json
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +79,15 @@ def _epsilon_points(rows: list[MetricsRow]) -> list[tuple[int, float]]:
     ]
 
 
-def plot_losses(rows: list[MetricsRow], path: Path, title: str = "fedllama") -> Path:
-    """Eval and train loss per round as a PNG; with DP, ε per round on a second axis."""
+def plot_losses(
+    rows: list[MetricsRow], path: Path, title: str = "fedllama", extra: Sequence[Series] = ()
+) -> Path:
+    """Eval and train loss per round as a PNG; with DP, ε per round on a second axis;
+    ``extra`` series (a baseline's curve) beside them."""
     series = [
         ("global eval loss", "o-", _eval_points(rows)),
         ("client train loss (during the round)", "s--", _train_points(rows)),
+        *extra,
     ]
     epsilon = _epsilon_points(rows)
     if epsilon:
@@ -356,11 +361,140 @@ def read_leakage(run_dir: Path) -> dict[int, dict[str, Any]]:
     return dict(sorted(found.items()))
 
 
+# --------------------------------------------------------------------------- baselines
+
+BASELINES = {"centralized": "baselines/centralized.json", "local": "baselines/local.json"}
+"""Where ``fedllama baseline`` writes its results in a run directory (``model/baseline.py``)."""
+_BASELINE_KEYS = {
+    "centralized": {"config", "eval0", "eval_loss", "steps", "assumption", "curve"},
+    "local": {"config", "clients", "steps_per_client", "mean"},
+}
+SHARE_FORMULA = "(eval₀ − eval_fed) / (eval₀ − eval_central)"
+
+
+def share_of_gain(eval0: float, federated: float, central: float) -> float | None:
+    """The share of the centralized gain a federated run reached, ``(eval0 − federated) /
+    (eval0 − central)``; None when the centralized baseline gained nothing."""
+    gain = eval0 - central
+    if not (_finite(eval0) and _finite(federated) and _finite(central)) or gain <= 0:
+        return None
+    return (eval0 - federated) / gain
+
+
+def baseline_differences(recorded: dict[str, Any], cfg: Config, limit: int = 3) -> str:
+    """``key: baseline's value, run's value`` for the first ``limit`` of a baseline's recorded
+    config keys (dotted, e.g. ``train.lr``) that the run's config does not share ("" when all
+    match)."""
+    differ = []
+    for dotted, value in recorded.items():
+        here: Any = cfg
+        for part in dotted.split("."):
+            here = getattr(here, part, None)
+        if is_dataclass(here) and not isinstance(here, type):  # a nested section (data.canary)
+            here = asdict(here)
+        if json.loads(json.dumps(here, default=str)) != value:
+            differ.append(f"{dotted}: {value!r} in the baseline, {here!r} in the run")
+    more = f"; and {len(differ) - limit} more" if len(differ) > limit else ""
+    return "; ".join(differ[:limit]) + more
+
+
+def read_baselines(run_dir: Path, cfg: Config | None) -> tuple[dict[str, dict[str, Any]], str]:
+    """Kind -> the baseline JSON in ``run_dir/baselines`` that was measured under the run's
+    config, and a note naming any that was not (left out)."""
+    found, notes = {}, []
+    for kind, name in BASELINES.items():
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        try:
+            measured = json.loads(path.read_text())
+            missing = sorted(_BASELINE_KEYS[kind] - set(measured))
+        except (ValueError, TypeError) as err:  # not JSON, or not an object
+            missing = [f"({type(err).__name__})"]
+        if missing:
+            notes.append(f"{name} left out: not a baseline (no {', '.join(missing)})")
+            continue
+        differ = baseline_differences(measured["config"], cfg) if cfg else "no config.yaml"
+        if differ:
+            notes.append(f"{name} left out: measured under another config ({differ})")
+        else:
+            found[kind] = measured
+    return found, "; ".join(notes)
+
+
+def _baseline_items(rows: list[MetricsRow], baselines: dict[str, dict[str, Any]]) -> list[str]:
+    items = []
+    kept = [r for r in rows if _finite(r.eval_loss) and not (r.rejected or r.skipped)]
+    fed = kept[-1] if kept else None  # the global adapter the run ended with
+    central = baselines.get("centralized")
+    if central is not None:
+        eval0 = float(central["eval0"])
+        items.append(f"eval₀ (the initial adapter, round 0): {eval0:.4f}")
+        if fed is not None:
+            items.append(f"federated (round {fed.round}): {fed.eval_loss:.4f}")
+        items.append(
+            f"centralized (pooled data, {central['steps']} steps: {central['assumption']}): "
+            f"{float(central['eval_loss']):.4f}"
+        )
+        first = rows[0] if rows and rows[0].round == 0 else None
+        # eval₀ and round 0 are the same adapter on the same set: a gap means they were scored
+        # differently (another version, device or dtype) and the share is off by as much
+        if first is not None and _finite(first.eval_loss) and abs(first.eval_loss - eval0) > 1e-3:
+            items.append(f"note: the run's round 0 eval loss is {first.eval_loss:.4f}, not eval₀")
+        share = share_of_gain(eval0, fed.eval_loss, central["eval_loss"]) if fed else None
+        items.append(
+            f"share of the centralized gain {SHARE_FORMULA} = "
+            + (f"{share:.1%}" if share is not None else "- (no centralized gain)")
+        )
+    local = baselines.get("local")
+    if local is not None:
+        mean = local["mean"]
+        items.append(
+            f"local-only ({len(local['clients'])} clients alone, {local['steps_per_client']} "
+            f"steps each), mean weighted by {mean['weights']}: global eval "
+            f"{mean['global_eval_loss']:.4f}, own eval {mean['own_eval_loss']:.4f}"
+        )
+    return items
+
+
+def _baseline_blocks(rows: list[MetricsRow], run_dir: Path, cfg: Config | None) -> list[Block]:
+    baselines, note = read_baselines(run_dir, cfg)
+    if not baselines and not note:
+        return []
+    blocks = [Block("h2", "Baselines (`fedllama baseline`)")]
+    items = _baseline_items(rows, baselines)
+    if items:
+        blocks.append(Block("ul", rows=tuple((item,) for item in items)))
+    if note:
+        blocks.append(Block("p", note))
+    return blocks
+
+
+def baseline_summary(run_dir: Path) -> list[str]:
+    """The report's baseline lines for ``run_dir`` (none when it holds no baseline)."""
+    _, cfg = _read_config(run_dir)
+    baselines, note = read_baselines(run_dir, cfg)
+    return _baseline_items(read_rows(run_dir), baselines) + ([note] if note else [])
+
+
+def _centralized_curve(run_dir: Path, cfg: Config | None) -> list[Series]:
+    central = read_baselines(run_dir, cfg)[0].get("centralized")
+    if central is None:
+        return []
+    points = [(int(r), float(loss)) for r, loss in central["curve"] if _finite(float(loss))]
+    return [("centralized baseline eval loss", "d-.", points)]
+
+
 def _run_plots(
-    rows: list[MetricsRow], leakage: dict[int, dict[str, Any]], run_dir: Path, title: str
+    rows: list[MetricsRow],
+    leakage: dict[int, dict[str, Any]],
+    run_dir: Path,
+    title: str,
+    extra: Sequence[Series] = (),
 ) -> list[Block]:
     """The report's plots, written into ``run_dir``: an image block each."""
-    made = [("eval and train loss per round", plot_losses(rows, run_dir / PLOTS["loss"], title))]
+    loss = plot_losses(rows, run_dir / PLOTS["loss"], title, extra)
+    made = [("eval and train loss per round", loss)]
     up, down = _bytes_points(rows)
     if up:
         series = [("upload per client", "o-", up), ("download per client", "s--", down)]
@@ -497,8 +631,10 @@ def run_report(run_dir: Path, plots: bool = True) -> list[Block]:
                    "clients counted, download by every client sent the model."),
         round_table(rows),
     ]  # fmt: skip
+    blocks += _baseline_blocks(rows, run_dir, cfg)
     if plots:
-        blocks += [Block("h2", "Plots"), *_run_plots(rows, leakage, run_dir, title)]
+        curve = _centralized_curve(run_dir, cfg)
+        blocks += [Block("h2", "Plots"), *_run_plots(rows, leakage, run_dir, title, curve)]
     for server_round, measured in leakage.items():
         blocks += _leakage_blocks(server_round, measured)
     if text:
