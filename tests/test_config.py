@@ -96,6 +96,20 @@ def test_yaml_round_trip_is_lossless() -> None:
     assert config_lib.from_yaml(config_lib.to_yaml(cfg)) == cfg
 
 
+def test_a_serialised_config_is_parsed_once_and_each_caller_gets_its_own_copy() -> None:
+    text = config_lib.to_yaml(config_lib.load(SHIPPED[0], ["lora.r=6"]))
+    before = config_lib._parse.cache_info()
+
+    first = config_lib.from_yaml(text)
+    first.lora.r = 99  # a caller that changes its copy
+    second = config_lib.from_yaml(text)
+
+    after = config_lib._parse.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+    assert second.lora.r == 6 and second is not first
+    assert config_lib.from_yaml(text, ["lora.r=3"]).lora.r == 3  # overrides are part of the key
+
+
 def test_cli_reports_config_errors_with_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
     from fedllama.cli import main
 
