@@ -47,6 +47,40 @@ def test_each_kind_federates_and_its_round_loads_in_peft(
     loads_in_peft(round_dir, model.resolve_base_dir(cfg.model))
 
 
+@pytest.mark.parametrize("kind", ["llama-adapter", "ia3"])
+def test_a_dense_kind_trains_on_an_nf4_base(kind: str, cache_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(
+        cache_dir, tmp_path / "run", f"adapter.kind={kind}", *FEW, "model.quantization=nf4"
+    )
+
+    rows = run(InProcessGrid(2), cfg)
+
+    assert rows[1]["clients_ok"] == 2 and rows[1]["eval_loss"] < rows[0]["eval_loss"]
+    initial = load_file(str(tmp_path / "run" / "round-000" / "adapter_model.safetensors"))
+    saved = load_file(str(tmp_path / "run" / "round-001" / "adapter_model.safetensors"))
+    assert any(not torch.equal(saved[k], initial[k]) for k in saved), "the round trained nothing"
+
+
+@pytest.mark.parametrize(("asked", "layers"), [(0, 2), (1, 1)])  # 0: all (the tiny model has 2)
+def test_llama_adapter_saves_the_layers_it_adapts(
+    asked: int, layers: int, cache_dir: Path, tmp_path: Path
+) -> None:
+    # the round directory's adapter_layers is counted from the gates the state holds
+    cfg = tiny_config(
+        cache_dir, tmp_path / "run", "adapter.kind=llama-adapter",
+        f"adapter.adapter_layers={asked}", *FEW,
+    )  # fmt: skip
+
+    run(InProcessGrid(2), cfg)
+
+    round_dir = tmp_path / "run" / "round-001"
+    saved = load_file(str(round_dir / "adapter_model.safetensors"))
+    assert sum(key.endswith("adaption_gate") for key in saved) == layers
+    peft_config = json.loads((round_dir / "adapter_config.json").read_text())
+    assert (peft_config["peft_type"], peft_config["adapter_layers"]) == ("ADAPTION_PROMPT", layers)
+    loads_in_peft(round_dir, model.resolve_base_dir(cfg.model))
+
+
 def test_fedavg_of_a_dense_kind_under_secagg_equals_the_plain_mean(
     cache_dir: Path, tmp_path: Path
 ) -> None:
