@@ -10,6 +10,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import math
 import os
 import re
 import statistics
@@ -22,7 +23,9 @@ import pytest
 
 from fedllama import cli
 from fedllama import config as config_lib
+from fedllama.experiments import canaries as canaries_lib
 from fedllama.experiments import compare
+from fedllama.experiments import report as report_lib
 from fedllama.experiments import results as results_lib
 from fedllama.experiments import sweep as sweep_lib
 from fedllama.experiments.sweep import LeakageSettings, PlannedRun, RunFailed, SweepError
@@ -90,6 +93,7 @@ class FakeRunner:
     ) -> None:
         self.calls: list[str] = []
         self.leakage_calls: list[str] = []
+        self.canary_calls: list[str] = []
         self.interrupt_at = interrupt_at
         self.fail = fail
 
@@ -109,6 +113,28 @@ class FakeRunner:
         attacks = {"loss": {"auc": auc, "tpr_at_1pct_fpr": 0.02}, "reference": {"auc": 0.4}}
         text = json.dumps({"overall": {"attacks": attacks}})
         (run.directory / f"leakage-round-{run.rounds:03d}.json").write_text(text)
+
+    def canaries(self, run: PlannedRun) -> None:
+        self.canary_calls.append(run.label)
+        canaries_lib.write(_canary_report(run.seed), run.directory, run.rounds)
+
+
+def _canary_report(seed: int) -> dict[str, object]:
+    """A ``canaries-round-NNN.json`` with known figures: seed 0 and 1 average to inserted 6.50,
+    held out 1.40 bits, audit ε 1.00 ± 0.71."""
+    inserted, held_out = [5.0 + seed, 7.0 + seed], [1.0 + 0.4 * seed, 1.4 + 0.4 * seed]
+    return {
+        "exposure": {
+            "inserted": inserted,
+            "held_out": held_out,
+            "inserted_mean": statistics.fmean(inserted),
+            "held_out_mean": statistics.fmean(held_out),
+            "max_bits": math.log2(101),
+            "assumes": "sampled exposure",
+        },
+        "audit": {"epsilon": 0.5 + seed, "correct": 4, "guesses": 4, "confidence": 0.95},
+        "accountant": None,
+    }
 
 
 def _sweep_file(tmp_path: Path, grid: str, seeds: str = "2", extra: str = "") -> Path:
@@ -251,6 +277,7 @@ def test_plots_are_drawn_when_their_axis_varies(tmp_path: Path) -> None:
     assert "![eval loss against ε](utility-vs-epsilon.png)" in table
     assert "eval loss per strategy: skipped (strategy.name does not vary)" in table
     assert "leakage against ε: skipped (no leakage measured" in table
+    assert "canary exposure against ε: skipped (no canaries measured" in table
     assert "| false |  | 2/2 | 2.5500 ± 0.0707 | 2.5500 ± 0.0707 | ∞ (no DP) |" in table
 
 
@@ -267,6 +294,60 @@ def test_strategies_get_a_bar_plot_and_leakage_is_measured_once(tmp_path: Path) 
     rows = _rows(out)
     assert rows[1]["leakage_attack"] == "loss" and float(rows[1]["leakage_auc"]) == 0.51
     assert "| fedavg | 2/2 | 2.5500 ± 0.0707 |" in (out / results_lib.RESULTS_MD).read_text()
+
+
+def test_canaries_are_measured_once_per_finished_run_when_enabled(tmp_path: Path) -> None:
+    off, on = FakeRunner(), FakeRunner()
+
+    sweep_lib.run_sweep(sweep_lib.load_sweep(_sweep_file(tmp_path, STRATEGIES)), off)
+    on_file = _sweep_file(tmp_path, STRATEGIES, extra="canaries: true\n")
+    sweep_lib.run_sweep(sweep_lib.load_sweep(on_file), on)  # same points: not refused
+    sweep_lib.run_sweep(sweep_lib.load_sweep(on_file), on)
+
+    planned = sweep_lib.load_sweep(on_file).planned()
+    assert off.canary_calls == [] and len(off.calls) == 4
+    assert on.calls == [] and on.canary_calls == [r.label for r in planned]  # once, not rerun
+    assert all(list(report_lib.read_canaries(r.directory)) == [2] for r in planned)
+
+
+@pytest.mark.parametrize("canaries", ["false", "{enabled: false}"])
+def test_canaries_are_not_measured_when_disabled(canaries: str, tmp_path: Path) -> None:
+    runner = FakeRunner()
+    path = _sweep_file(tmp_path, STRATEGIES, extra=f"canaries: {canaries}\n")
+
+    sweep_lib.run_sweep(sweep_lib.load_sweep(path), runner)
+
+    assert runner.canary_calls == [] and len(runner.calls) == 4
+    table = (tmp_path / "out" / results_lib.RESULTS_MD).read_text()
+    assert "canary exposure inserted" not in table and "Canaries" not in table
+
+
+def test_results_carry_the_canary_figures_and_their_plot(tmp_path: Path) -> None:
+    sweep = sweep_lib.load_sweep(
+        _sweep_file(tmp_path, DP_GRID, extra="canaries: {enabled: true}\n")
+    )
+
+    sweep_lib.run_sweep(sweep, FakeRunner())
+
+    rows = _rows(sweep.out)
+    assert [r["canary_round"] for r in rows] == ["2"] * 4
+    assert [float(r["canary_exposure_inserted"]) for r in rows[:2]] == [6.0, 7.0]
+    assert [float(r["canary_exposure_held_out"]) for r in rows[:2]] == pytest.approx([1.2, 1.6])
+    assert [float(r["canary_epsilon_lower_bound"]) for r in rows[:2]] == [0.5, 1.5]
+    table = (sweep.out / results_lib.RESULTS_MD).read_text()
+    assert "| canary exposure inserted / held out (bits) | audit ε ≥ | s/run |" in table
+    assert table.count("| 6.50 / 1.40 | 1.00 ± 0.71 |") == 2  # each point: its seeds' mean
+    assert "(Carlini et al. 2019, §4.2)" in table and "at most log2(n+1) bits (6.66 here)" in table
+    assert "never saw has 1.44 bits" in table and "Thm 3.1), pure ε-DP (δ = 0), 95 %" in table
+    assert (sweep.out / "canaries-vs-epsilon.png").stat().st_size > 1000
+    assert "![canary exposure against ε](canaries-vs-epsilon.png)" in table
+
+
+def test_unknown_canaries_keys_are_refused_naming_them(tmp_path: Path) -> None:
+    path = _sweep_file(tmp_path, STRATEGIES, extra="canaries: {enabled: true, rounds: all}\n")
+
+    with pytest.raises(SweepError, match="canaries.rounds: unknown key; expected enabled"):
+        sweep_lib.load_sweep(path)
 
 
 def _command(argv: list[str]) -> argparse.Namespace:

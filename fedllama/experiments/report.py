@@ -350,15 +350,26 @@ def _bytes_points(rows: list[MetricsRow]) -> tuple[list[tuple[int, float]], ...]
     return up, down
 
 
-def read_leakage(run_dir: Path) -> dict[int, dict[str, Any]]:
-    """Round -> the ``leakage-round-NNN.json`` measurement in ``run_dir`` (``fedllama
-    leakage``), in round order."""
+def _read_rounds(run_dir: Path, prefix: str) -> dict[int, dict[str, Any]]:
+    """Round -> the ``<prefix>-round-NNN.json`` in ``run_dir``, in round order."""
     found = {}
-    for path in run_dir.glob("leakage-round-*.json"):
-        number = path.stem.removeprefix("leakage-round-")
+    for path in run_dir.glob(f"{prefix}-round-*.json"):
+        number = path.stem.removeprefix(f"{prefix}-round-")
         if number.isdigit():
             found[int(number)] = json.loads(path.read_text())
     return dict(sorted(found.items()))
+
+
+def read_leakage(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """Round -> the ``leakage-round-NNN.json`` measurement in ``run_dir`` (``fedllama
+    leakage``), in round order."""
+    return _read_rounds(run_dir, "leakage")
+
+
+def read_canaries(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """Round -> the ``canaries-round-NNN.json`` measurement in ``run_dir`` (``fedllama
+    canaries``: exposure and the one-run ε lower bound), in round order."""
+    return _read_rounds(run_dir, "canaries")
 
 
 # --------------------------------------------------------------------------- baselines

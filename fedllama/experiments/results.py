@@ -1,8 +1,8 @@
 """A sweep's results: each run directory read into a row, ``results.csv`` (one row per run),
 ``results.md`` (mean ± std over seeds per point, the assumptions under it) and the plots: eval
-loss against ε, leakage against ε and eval loss per strategy, each only when its axis varies
-(``results.md`` says which were skipped). The sweep itself (its file, points and runs) is
-``fedllama/experiments/sweep.py``.
+loss against ε, leakage against ε, canary exposure against ε and eval loss per strategy, each
+only when its axis varies (``results.md`` says which were skipped). The sweep itself (its file,
+points and runs) is ``fedllama/experiments/sweep.py``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ class RunResult:
     leakage: dict[str, Any] | None = None
     """The last leakage measurement: round, the attack with the highest overall AUC, its AUC
     and its TPR at 1 % FPR."""
+    canaries: dict[str, Any] | None = None
+    """The last canary measurement: round, the mean exposure of the inserted and of the
+    held-out canaries, the most bits measurable and the one-run audit's ε lower bound."""
     seconds: float = 0.0
     """The rounds' wall time (start-up not counted)."""
 
@@ -74,11 +77,27 @@ def _leakage_summary(directory: Path) -> dict[str, Any] | None:
     }
 
 
+def _canaries_summary(directory: Path) -> dict[str, Any] | None:
+    measured = report.read_canaries(directory)
+    if not measured:
+        return None
+    server_round, last = list(measured.items())[-1]
+    exposure = last["exposure"]
+    return {
+        "round": server_round,
+        "inserted_mean": exposure["inserted_mean"],
+        "held_out_mean": exposure["held_out_mean"],
+        "max_bits": exposure["max_bits"],
+        "epsilon_lower_bound": last["audit"]["epsilon"],
+    }
+
+
 def collect(run: PlannedRun) -> RunResult:
     """Read one run's directory (whatever state it is in)."""
     try:
         rows: list[MetricsRow] = read_rows(run.directory)
         measured = _leakage_summary(run.directory)
+        canaries = _canaries_summary(run.directory)
     except (ValueError, KeyError, OSError) as err:
         return RunResult(run, f"unreadable: {err}")
     done = run.last_round()
@@ -96,6 +115,7 @@ def collect(run: PlannedRun) -> RunResult:
         bytes_up=up,
         bytes_down=down,
         leakage=measured,
+        canaries=canaries,
         seconds=sum(r.seconds for r in rows),
     )
 
@@ -108,7 +128,7 @@ def _keys(results: Sequence[RunResult]) -> list[str]:
 
 
 def _csv_row(r: RunResult, keys: Sequence[str]) -> list[Any]:
-    dp, leak = r.dp or {}, r.leakage or {}
+    dp, leak, canary = r.dp or {}, r.leakage or {}, r.canaries or {}
     cells = [
         r.run.point.name,
         *(r.run.point.value(k) for k in keys),
@@ -126,6 +146,10 @@ def _csv_row(r: RunResult, keys: Sequence[str]) -> list[Any]:
         leak.get("attack"),
         leak.get("auc"),
         leak.get("tpr_at_1pct_fpr"),
+        canary.get("round"),
+        canary.get("inserted_mean"),
+        canary.get("held_out_mean"),
+        canary.get("epsilon_lower_bound"),
         round(r.seconds, 1),
         r.run.directory,
     ]
@@ -147,11 +171,17 @@ CSV_COLUMNS = (
     "leakage_attack",
     "leakage_auc",
     "leakage_tpr_at_1pct_fpr",
+    "canary_round",
+    "canary_exposure_inserted",
+    "canary_exposure_held_out",
+    "canary_epsilon_lower_bound",
     "round_seconds",
     "run_dir",
 )
 """``results.csv``'s columns after ``point`` and the grid's keys. ε is client-level at
-``delta`` under ``accountant`` (empty without DP); leakage is the attack with the highest AUC."""
+``delta`` under ``accountant`` (empty without DP); leakage is the attack with the highest AUC;
+the canary columns are the last ``canaries-round-NNN.json``: the mean exposure (bits) of the
+inserted and of the held-out canaries, and the one-run audit's ε lower bound (δ = 0)."""
 
 
 def write_csv(results: Sequence[RunResult], path: Path) -> Path:
@@ -165,6 +195,15 @@ def write_csv(results: Sequence[RunResult], path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- per point
+
+MEASURED = {
+    "auc": "leakage",
+    "tpr_at_1pct_fpr": "leakage",
+    "inserted_mean": "canaries",
+    "held_out_mean": "canaries",
+    "epsilon_lower_bound": "canaries",
+}
+"""A measured figure -> the :class:`RunResult` field whose summary holds it."""
 
 
 @dataclass
@@ -180,12 +219,15 @@ class PointStats:
         return [r for r in self.runs if r.status == "finished"]
 
     def values(self, what: str) -> list[float]:
-        """A finished run's figure (``final_eval_loss``, ``epsilon``, ``auc``, ...), per seed,
-        where there is one."""
+        """A finished run's figure (``final_eval_loss``, ``epsilon``, ``auc``,
+        ``inserted_mean``, ...: a field or a key of :data:`MEASURED`), per seed, where there is
+        one."""
         out = []
         for r in self.finished:
-            value = (r.leakage or {}).get(what) if what in ("auc", "tpr_at_1pct_fpr") else None
-            value = getattr(r, what) if hasattr(r, what) else value
+            if what in MEASURED:
+                value = (getattr(r, MEASURED[what]) or {}).get(what)
+            else:
+                value = getattr(r, what, None)
             if value is not None:
                 out.append(float(value))
         return out
@@ -228,7 +270,15 @@ def _epsilon_cell(stats: PointStats) -> str:
     return f"{cell} (δ={dps[0]['delta']:g}, {dps[0]['accountant']})"
 
 
-def _table_row(stats: PointStats, keys: Sequence[str], leakage: bool) -> str:
+def _exposure_cell(stats: PointStats) -> str:
+    """Mean exposure over seeds, inserted / held out (bits)."""
+    means = [stats.mean_std(what) for what in ("inserted_mean", "held_out_mean")]
+    if not any(means):
+        return "-"
+    return " / ".join("-" if m is None else f"{m[0]:.2f}" for m in means)
+
+
+def _table_row(stats: PointStats, keys: Sequence[str], leakage: bool, canaries: bool) -> str:
     named = [stats.point.value(k) for k in keys] or [stats.point.name]
     cells = [
         *named,
@@ -241,6 +291,8 @@ def _table_row(stats: PointStats, keys: Sequence[str], leakage: bool) -> str:
     ]
     if leakage:
         cells += [_cell(stats, "auc", ".3f"), _cell(stats, "tpr_at_1pct_fpr", ".3f")]
+    if canaries:
+        cells += [_exposure_cell(stats), _cell(stats, "epsilon_lower_bound", ".2f")]
     cells.append(_cell(stats, "seconds", ".0f"))
     return "| " + " | ".join(cells) + " |"
 
@@ -249,6 +301,7 @@ def results_table(results: Sequence[RunResult]) -> str:
     """The Markdown table: one row per point, mean ± std over its finished seeds."""
     keys = _keys(results)
     leakage = any(r.leakage for r in results)
+    canaries = any(r.canaries for r in results)
     header = [
         *(keys or ["point"]),
         "seeds done",
@@ -258,10 +311,11 @@ def results_table(results: Sequence[RunResult]) -> str:
         "MB up/client/round",
         "MB down/client/round",
         *(("leakage AUC", "TPR @ 1% FPR") if leakage else ()),
+        *(("canary exposure inserted / held out (bits)", "audit ε ≥") if canaries else ()),
         "s/run",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [_table_row(s, keys, leakage) for s in point_stats(results)]
+    lines += [_table_row(s, keys, leakage, canaries) for s in point_stats(results)]
     return "\n".join(lines)
 
 
@@ -285,7 +339,24 @@ def _assumptions(results: Sequence[RunResult]) -> list[str]:
             "TPR at 1 % FPR; the threat model and the members are in each run's "
             "leakage-round-NNN.json."
         )
+    if any(r.canaries for r in results):
+        lines.append(_canary_assumptions(results))
     return lines
+
+
+def _canary_assumptions(results: Sequence[RunResult]) -> str:
+    from fedllama.experiments.canaries import BASELINE_BITS  # its module loads torch
+
+    most = sorted({r.canaries["max_bits"] for r in results if r.canaries})
+    return (
+        "\nCanaries (`fedllama canaries`, the last round): exposure is sampled (Carlini et al. "
+        "2019, §4.2): each secret ranked among n random ones, at most log2(n+1) bits "
+        f"({', '.join(f'{b:.2f}' for b in most)} here); a secret the model never saw has "
+        f"{BASELINE_BITS:.2f} bits on average, where held-out canaries should sit. Audit ε ≥: "
+        "the one-run lower bound (Steinke, Nasr & Jagielski 2023, Thm 3.1), pure ε-DP (δ = 0), "
+        "95 % confidence, to set beside the accountant's ε at its δ; per seed, the exposures "
+        "and the guesses are in each run's canaries-round-NNN.json."
+    )
 
 
 def write_tables(
@@ -350,14 +421,22 @@ def _epsilon_axis(ax: Any, epsilons: Sequence[float]) -> None:
 
 
 def _against_epsilon(
-    ax: Any, stats: Sequence[PointStats], what: str, ylabel: str, marker: str = "o"
+    ax: Any,
+    stats: Sequence[PointStats],
+    what: str,
+    ylabel: str,
+    marker: str = "o",
+    label: str = "",
+    colour: int = 0,
 ) -> None:
     """``what`` (mean ± std over seeds) against ε, a line per strategy through the points
-    with DP; a point without DP is a lone marker at the right edge (ε = ∞)."""
+    with DP; a point without DP is a lone marker at the right edge (ε = ∞). ``label``
+    prefixes each line's legend entry and ``colour`` offsets its colour, for a second series
+    on the same axes."""
     done = [s for s in stats if s.mean_std(what) is not None]
     eps = {s.point.name: (s.mean_std("epsilon") or (math.inf, 0.0))[0] for s in done}
     infinity = _infinity(list(eps.values()))
-    for i, (label, group) in enumerate(_series(done).items()):
+    for i, (strategy, group) in enumerate(_series(done).items()):
         group.sort(key=lambda s: eps[s.point.name])
         labelled = False
         for with_dp in (True, False):
@@ -370,9 +449,9 @@ def _against_epsilon(
                 [m[0] for m in ms],
                 yerr=[m[1] for m in ms],
                 fmt=f"{marker}-" if with_dp else marker,
-                color=f"C{i}",
+                color=f"C{colour + i}",
                 capsize=3,
-                label=None if labelled else label,
+                label=None if labelled else " ".join(x for x in (label, strategy) if x),
             )
             labelled = True
     ax.set_xlabel("ε (client-level; no DP = ∞)")
@@ -410,6 +489,26 @@ def plot_leakage_vs_epsilon(stats: Sequence[PointStats], path: Path) -> Path:
     right.axhline(0.01, color="grey", ls=":", label="chance")
     left.legend()
     fig.suptitle("membership inference against privacy" + _dp_caption(stats))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_canaries_vs_epsilon(stats: Sequence[PointStats], path: Path) -> Path:
+    """Mean exposure of the inserted and of the held-out canaries (mean ± std over seeds)
+    against ε, with the exposure of a secret never seen."""
+    from fedllama.experiments.canaries import BASELINE_BITS  # its module loads torch
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ylabel = "mean canary exposure (bits)"
+    _against_epsilon(ax, stats, "inserted_mean", ylabel, label="inserted")
+    lines = len(_series([s for s in stats if s.values("inserted_mean")]))
+    _against_epsilon(ax, stats, "held_out_mean", ylabel, "s", label="held out", colour=lines)
+    ax.axhline(BASELINE_BITS, color="grey", ls=":", label=f"never seen ({BASELINE_BITS:.2f})")
+    ax.legend()
+    ax.set_title("canary exposure against privacy" + _dp_caption(stats))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -461,12 +560,16 @@ def write_plots(sweep: Sweep, stats: Sequence[PointStats]) -> list[str]:
     epsilons = {round(m[0], 6) for s in stats if (m := s.mean_std("epsilon")) is not None}
     strategies = {s.point.values.get("strategy.name") for s in stats if s.finished}
     measured = any(s.values("auc") for s in stats)
+    canaries = any(s.values("inserted_mean") for s in stats)
     lines = []
     plots = (
         ("utility-vs-epsilon.png", "eval loss against ε", plot_utility_vs_epsilon,
          "ε is the same at every point" if len(epsilons) < 2 else ""),
         ("leakage-vs-epsilon.png", "leakage against ε", plot_leakage_vs_epsilon,
          "no leakage measured (leakage.enabled)" if not measured
+         else "ε is the same at every point" if len(epsilons) < 2 else ""),
+        ("canaries-vs-epsilon.png", "canary exposure against ε", plot_canaries_vs_epsilon,
+         "no canaries measured (canaries: true)" if not canaries
          else "ε is the same at every point" if len(epsilons) < 2 else ""),
         ("utility-per-strategy.png", "eval loss per strategy", plot_utility_per_strategy,
          "strategy.name does not vary" if len(strategies) < 2 else ""),

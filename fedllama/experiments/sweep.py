@@ -12,6 +12,7 @@ A sweep file is OmegaConf YAML::
     seed_keys: [data.seed, dp.seed]      # the config keys each seed is written to
     out: runs/sweeps/mine                # the sweep's directory (relative to where it runs)
     leakage: {enabled: false, max_examples: 200, seed: 0, resamples: 1000}
+    canaries: false                      # or {enabled: false}; needs data.canary.count > 0
 
 Each point × seed is one run, as ``fedllama simulate`` would run it, into
 ``OUT/<point>/seed-<s>``; the point's name is its overrides (``strategy.name=fedavg,
@@ -20,7 +21,9 @@ dp.noise_multiplier=0.5``, characters a file name should not hold replaced by ``
 grid, include or seed keys in the same directory is refused, so results never mix. A rerun
 skips finished runs (every round there) and resumes an interrupted one from its last round (the
 run directory's own resumption, ``fedllama/server/checkpoint.py``). With ``leakage.enabled`` a
-finished run's last round is measured as ``fedllama leakage`` measures it.
+finished run's last round is measured as ``fedllama leakage`` measures it; with ``canaries``, as
+``fedllama canaries`` measures it (exposure and the one-run ε lower bound). Neither is part of
+what defines the points: a rerun measures the finished runs that lack a measurement.
 
 Written into ``OUT`` after every run: ``results.csv``, ``results.md`` and the plots
 (``fedllama/experiments/results.py``).
@@ -62,7 +65,9 @@ from fedllama.experiments.results import (
 log = logging.getLogger("fedllama.sweep")
 
 MANIFEST = "points.json"
-SWEEP_KEYS = ("base", "overrides", "grid", "include", "seeds", "seed_keys", "out", "leakage")
+SWEEP_KEYS = (
+    "base", "overrides", "grid", "include", "seeds", "seed_keys", "out", "leakage", "canaries",
+)  # fmt: skip
 DEFAULT_SEED_KEYS = ("data.seed", "dp.seed")
 """A seed is one replicate: it draws the data split, the clients' batches and the adapter's
 initialisation (``data.seed``) and, with DP, the sampling and the noise (``dp.seed``)."""
@@ -183,6 +188,8 @@ class Sweep:
     include: list[dict[str, Any]] = field(default_factory=list)
     seed_keys: list[str] = field(default_factory=lambda: list(DEFAULT_SEED_KEYS))
     leakage: LeakageSettings = field(default_factory=LeakageSettings)
+    canaries: bool = False
+    """Measure each finished run's canaries (``fedllama canaries``, its last round)."""
 
     def points(self) -> list[Point]:
         """The grid's product, in the file's order (the last key varies fastest), then the
@@ -295,6 +302,18 @@ def _leakage(raw: Any) -> LeakageSettings:
     return settings
 
 
+def _canaries(raw: Any) -> bool:
+    """``canaries: true|false`` or ``canaries: {enabled: true|false}``."""
+    given = {"enabled": raw} if isinstance(raw, bool) else _mapping(raw, "canaries")
+    unknown = sorted(set(given) - {"enabled"})
+    if unknown:
+        raise SweepError(f"canaries.{unknown[0]}: unknown key; expected enabled")
+    enabled = given.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise SweepError(f"canaries.enabled: expected true or false, got {enabled!r}")
+    return enabled
+
+
 def _read(path: Path, overrides: Sequence[str]) -> dict[str, Any]:
     """The sweep file and its ``key=value`` overrides, merged by OmegaConf, as plain data."""
     if not path.is_file():
@@ -337,6 +356,7 @@ def load_sweep(path: Path, overrides: Sequence[str] = (), out: Path | None = Non
         include=[_mapping(p, "include[]") for p in data.get("include", [])],
         seed_keys=_strings(data.get("seed_keys", list(DEFAULT_SEED_KEYS)), "seed_keys"),
         leakage=_leakage(data.get("leakage", False)),
+        canaries=_canaries(data.get("canaries", False)),
     )
 
 
@@ -344,7 +364,8 @@ def load_sweep(path: Path, overrides: Sequence[str] = (), out: Path | None = Non
 
 
 def _identity(sweep: Sweep) -> dict[str, Any]:
-    """What defines the points (seeds may be added or dropped; leakage is measured later)."""
+    """What defines the points (seeds may be added or dropped; leakage and canaries are
+    measured later)."""
     identity = {
         "base": os.path.relpath(sweep.base.resolve(), sweep.out.resolve()),
         "overrides": sweep.overrides,
@@ -407,10 +428,19 @@ class Runner(Protocol):
             RunFailed: the measurement failed.
         """
 
+    def canaries(self, run: PlannedRun) -> None:
+        """Measure the canaries' exposure and the one-run ε lower bound at ``run``'s last
+        round (``canaries-round-NNN.json`` in its directory).
+
+        Raises:
+            RunFailed: the measurement failed.
+        """
+
 
 class SubprocessRunner:
     """Each run as its own ``fedllama simulate`` process (Ray starts and stops with it), each
-    measurement as ``fedllama leakage``; their output goes to this process's."""
+    measurement as ``fedllama leakage`` or ``fedllama canaries``; their output goes to this
+    process's."""
 
     def simulate(self, run: PlannedRun) -> None:
         """``python -m fedllama.cli simulate CONFIG OVERRIDES``."""
@@ -424,6 +454,10 @@ class SubprocessRunner:
         ]
         self._call(["leakage", str(run.directory), *flags], f"leakage of {run.label}")
 
+    def canaries(self, run: PlannedRun) -> None:
+        """``python -m fedllama.cli canaries RUN_DIR`` (its last round)."""
+        self._call(["canaries", str(run.directory)], f"canaries of {run.label}")
+
     @staticmethod
     def _call(args: list[str], what: str) -> None:
         code = subprocess.run([sys.executable, "-m", "fedllama.cli", *args]).returncode
@@ -432,7 +466,7 @@ class SubprocessRunner:
 
 
 def _step(sweep: Sweep, run: PlannedRun, runner: Runner, where: str, elapsed: float) -> bool:
-    """Run (or skip) one run, then its leakage measurement; False if either failed."""
+    """Run (or skip) one run, then its measurements; False if one failed."""
     if run.finished():
         log.info("sweep: %s %s: finished, skipped", where, run.label)
     else:
@@ -451,17 +485,29 @@ def _step(sweep: Sweep, run: PlannedRun, runner: Runner, where: str, elapsed: fl
         except RunFailed as err:
             log.error("sweep: %s", err)
             return False
-    if not sweep.leakage.enabled or not run.finished():
-        return run.finished()
-    if run.last_round() in report.read_leakage(run.directory):
-        return True
-    log.info("sweep: %s %s: measuring leakage", where, run.label)
-    try:
-        runner.leakage(run, sweep.leakage)
-    except RunFailed as err:
-        log.error("sweep: %s", err)
-        return False
-    return True
+    return run.finished() and _measure(sweep, run, runner, where)
+
+
+def _measure(sweep: Sweep, run: PlannedRun, runner: Runner, where: str) -> bool:
+    """A finished run's leakage and canaries, each when enabled and its last round has no
+    measurement yet; False if one failed (the other is still tried)."""
+    last = run.last_round()
+    wanted: list[tuple[str, bool, Callable[[Path], dict[int, Any]], Callable[[], None]]] = [
+        ("leakage", sweep.leakage.enabled, report.read_leakage,
+         lambda: runner.leakage(run, sweep.leakage)),
+        ("canaries", sweep.canaries, report.read_canaries, lambda: runner.canaries(run)),
+    ]  # fmt: skip
+    ok = True
+    for what, enabled, read, call in wanted:
+        if not enabled or last in read(run.directory):
+            continue
+        log.info("sweep: %s %s: measuring %s", where, run.label, what)
+        try:
+            call()
+        except RunFailed as err:
+            log.error("sweep: %s", err)
+            ok = False
+    return ok
 
 
 def run_sweep(
