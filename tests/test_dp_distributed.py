@@ -262,6 +262,20 @@ def test_secure_aggregation_of_noisy_integers_unmasks_the_noisy_sum() -> None:
     assert all(m.shape == (2048,) for m in out.masked.values())
 
 
+def test_noisy_integers_travel_in_32_bits_under_a_32_bit_secagg_modulus(monkeypatch) -> None:
+    rng = np.random.default_rng(7)
+    params = _params(dim=2000, sampled=4, survivors=4)  # dp.modulus_bits = 32
+    vectors = {n: _unit(rng, 2000, 0.7).astype(np.float32) for n in range(1, 5)}
+    monkeypatch.setattr(ddg_lib, "discrete_gaussian", lambda std, size: np.zeros(size, np.int64))
+    narrow = replace(ON, modulus_bits=32, quantization_bits=24)
+
+    out = aggregate_locally(vectors, narrow, ddg=params, rng=random.Random(1))
+
+    exact = sum(v.astype(np.float64) for v in vectors.values())
+    assert np.abs(out.total - exact).max() < 4 / params.scale  # rounding only
+    assert all(m.dtype == np.uint32 for m in out.masked.values())
+
+
 def test_the_server_adds_nothing_the_clients_noise_is_all_there_is(monkeypatch) -> None:
     rng = np.random.default_rng(6)
     params = _params(dim=2000, sampled=4, survivors=4)
@@ -291,6 +305,16 @@ def test_the_server_adds_nothing_the_clients_noise_is_all_there_is(monkeypatch) 
         ),
         (["dp.modulus_bits=4"], "dp.modulus_bits: must be in 8..62"),
         (["dp.dropout_tolerance=1"], "dp.dropout_tolerance: must be in [0, 1)"),
+        (
+            [
+                "secagg.enabled=true",
+                "dp.placement=distributed",
+                "dp.modulus_bits=40",
+                "secagg.modulus_bits=32",
+                "secagg.quantization_bits=24",
+            ],
+            "dp.modulus_bits: is 40, more than secagg.modulus_bits=32",
+        ),
     ],
 )
 def test_bad_distributed_settings_are_refused_naming_the_key(

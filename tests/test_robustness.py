@@ -336,7 +336,9 @@ def test_ten_thousand_malformed_replies_are_each_dropped_with_a_reason() -> None
         masked.dtype, masked.shape = "uint64", (4,)
         metrics = MetricRecord({"num-examples": 5, "train-loss": 1.0, "secagg-clipped": 0})
         with pytest.raises((SecAggError, ReplyError)):
-            _check_masked(RecordDict({MASKED: ArrayRecord({MASKED: masked}), METRICS: metrics}), 4)
+            _check_masked(
+                RecordDict({MASKED: ArrayRecord({MASKED: masked}), METRICS: metrics}), 4, 64
+            )
         refused += 1
     assert refused == 1_500
 

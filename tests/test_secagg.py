@@ -35,6 +35,7 @@ from fedllama.privacy.secagg import (
     aggregate_locally,
 )
 from fedllama.privacy.secagg.client import BadShares
+from fedllama.privacy.secagg.params import from_wire
 from fedllama.server import checkpoint
 from fedllama.server.loop import RoundFailed
 from fedllama.wire.layout import Layout
@@ -105,6 +106,30 @@ def test_sum_of_negatives_wraps_mod_2_64_and_comes_back_signed() -> None:
     out = aggregate_locally(vectors, ON)
 
     np.testing.assert_allclose(out.total, -4.75, atol=2 * STEP)
+
+
+def test_a_32_bit_modulus_sums_signed_values_and_travels_in_half_the_bytes() -> None:
+    # 24-bit values, 32-bit sums: up to (2^31 - 1) // (2^23 - 1) = 256 clients; C = 1000
+    narrow = SecAggConfig(enabled=True, clip_range=1000.0, quantization_bits=24, modulus_bits=32)
+    step = Quantizer(1000.0, 24, 32).step
+    vectors = _vectors(12, length=2000)
+    for v in vectors.values():
+        v[3:6] = -900.0  # sums far below zero: they must wrap and come back signed
+
+    out = aggregate_locally(vectors, narrow, rng=random.Random(5))
+    wide = aggregate_locally(vectors, ON, rng=random.Random(5))
+
+    err = np.abs(out.total - _plain(vectors, set(vectors)))
+    assert err.max() <= 12 * step and err.max() > 0
+    assert out.total[3] == pytest.approx(-10_800.0, abs=12 * step)
+    assert out.bytes_up["mask"] == wide.bytes_up["mask"] // 2 == 12 * 2000 * 4
+
+
+def test_a_masked_vector_of_the_wrong_width_is_refused() -> None:
+    with pytest.raises(SecAggError, match=r"expected uint32 \(4,\) for a 32-bit modulus"):
+        from_wire(np.zeros(4, np.uint64), 32, 4)
+    with pytest.raises(SecAggError, match=r"expected uint64 \(4,\) for a 64-bit modulus"):
+        from_wire(np.zeros(4, np.uint32), 64, 4)
 
 
 def test_refuses_nan_in_an_encoding() -> None:
@@ -419,6 +444,12 @@ def test_client_state_survives_a_round_trip_through_flowers_config_record() -> N
         ("secagg.clip_range=0", "secagg.clip_range: must be > 0"),
         ("secagg.num_neighbours=-2", "secagg.num_neighbours: must be >= 0"),
         ("simulation.num_clients=1", "secagg.enabled: needs at least 2 clients"),
+        ("secagg.modulus_bits=48", "secagg.modulus_bits: must be 32 or 64"),
+        (
+            "secagg.modulus_bits=32",
+            r"secagg.quantization_bits: is 48: a sum of 2 clients would "
+            r"overflow secagg.modulus_bits=32; at most 31 bits",
+        ),
     ],
 )
 def test_bad_secagg_settings_are_refused_naming_the_key(override: str, message: str) -> None:
@@ -433,6 +464,16 @@ def test_too_many_clients_for_the_bits_are_refused() -> None:
             None,
             ["secagg.enabled=true", "secagg.quantization_bits=53", "simulation.num_clients=2049",
              "data.partition=iid"],
+        )  # fmt: skip
+
+
+def test_too_many_clients_for_a_32_bit_modulus_are_refused() -> None:
+    # (2^31 - 1) // (2^23 - 1) = 256 clients at 24 bits
+    with pytest.raises(ConfigError, match="32-bit sum holds at most 256 clients"):
+        config_lib.load(
+            None,
+            ["secagg.enabled=true", "secagg.modulus_bits=32", "secagg.quantization_bits=24",
+             "simulation.num_clients=257", "data.partition=iid"],
         )  # fmt: skip
 
 
@@ -538,6 +579,24 @@ def test_secure_round_records_stages_bytes_and_drops(plain_and_secure: dict[str,
     assert row["bytes_up"] == sum(s["bytes_up"] for s in stages.values())
     assert sorted(c["lora-rank"] for c in row["clients"]) == [2, 3, 4]
     assert all(c["secagg-clipped"] == 0 for c in row["clients"])
+
+
+def test_a_32_bit_modulus_gives_the_plain_rounds_adapter_in_half_the_bytes(
+    plain_and_secure: dict[str, Any], cache_dir: Path, tmp_path: Path
+) -> None:
+    narrow = ["secagg.modulus_bits=32", "secagg.quantization_bits=24", "secagg.clip_range=1000"]
+    cfg = tiny_config(cache_dir, tmp_path / "run", *MIXED, "secagg.enabled=true", *narrow)
+
+    rows = _run(InProcessGrid(3), cfg)
+
+    plain, _ = adapters.load_adapter(plain_and_secure["plain"]["dir"] / "round-001")
+    secure, _ = adapters.load_adapter(tmp_path / "run" / "round-001")
+    for key in plain:  # steps of 1000 / (2^23 - 1) on sums weighted by example counts
+        torch.testing.assert_close(secure[key], plain[key], rtol=0, atol=1e-4)
+    wide = plain_and_secure["secure"]["rows"][-1]["secagg"]["stages"]["mask"]["bytes_up"]
+    mask = rows[-1]["secagg"]["stages"]["mask"]["bytes_up"]
+    assert 0.45 * wide < mask < 0.55 * wide, "a uint32 per value instead of a uint64"
+    assert all(c["secagg-clipped"] == 0 for c in rows[-1]["clients"])
 
 
 def _payloads(message: Message) -> list[bytes]:

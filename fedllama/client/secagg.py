@@ -43,6 +43,7 @@ from fedllama.privacy.secagg.params import (
     get_field,
     get_ids,
     get_pairs,
+    to_wire,
 )
 from fedllama.wire.layout import Layout
 
@@ -194,7 +195,8 @@ def client_mask(msg: Message, context: Context, train: Callable[[], Message]) ->
             client.params.clip_range,
         )
     metrics = MetricRecord({**plain.content.metric_records[METRICS], CLIPPED: clipped})
-    content = RecordDict({MASKED: ArrayRecord({MASKED: Array(masked)}), METRICS: metrics})
+    wire = to_wire(masked, client.params.modulus_bits)  # 32-bit modulus: half the bytes
+    content = RecordDict({MASKED: ArrayRecord({MASKED: Array(wire)}), METRICS: metrics})
     return Message(content, reply_to=msg)
 
 

@@ -142,7 +142,8 @@ class Config:
             _require(
                 self.simulation.num_clients <= self.secagg.max_clients,
                 "secagg.quantization_bits",
-                f"is {self.secagg.quantization_bits}: the 64-bit sum holds at most "
+                f"is {self.secagg.quantization_bits}: the {self.secagg.modulus_bits}-bit sum "
+                "holds at most "
                 f"{self.secagg.max_clients} clients, simulation.num_clients is "
                 f"{self.simulation.num_clients}",
             )
@@ -243,6 +244,12 @@ class Config:
             "dp.placement",
             "is distributed, which needs secagg.enabled=true: the clients' noise shares only "
             "protect anyone inside a sum the server cannot take apart",
+        )
+        _require(
+            self.dp.placement != "distributed" or self.dp.modulus_bits <= self.secagg.modulus_bits,
+            "dp.modulus_bits",
+            f"is {self.dp.modulus_bits}, more than secagg.modulus_bits="
+            f"{self.secagg.modulus_bits}: the noisy sum travels inside SecAgg+'s modulus",
         )
 
 

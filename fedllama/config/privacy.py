@@ -82,8 +82,12 @@ class SecAggConfig:
     """C: encoded values are clipped to [-C, C] (and counted) before fixed-point encoding.
     Encodings carry weights (example counts) and weighted deltas, so C must exceed both."""
     quantization_bits: int = 48
-    """Fixed-point bits per value, sign included: step C / (2^(bits-1) - 1); the 64-bit sum
-    holds up to ≈ 2^(64-bits) clients."""
+    """Fixed-point bits per value, sign included: step C / (2^(bits-1) - 1); the sum modulo
+    2^modulus_bits holds up to ≈ 2^(modulus_bits-bits) clients."""
+    modulus_bits: int = 64
+    """m: masks and sums live modulo 2^m and each masked value travels as an m-bit integer:
+    64, or 32 to halve the upload (then quantization_bits must leave room for the clients:
+    at most 2^(32-bits) of them, e.g. 24 bits for up to 256 with a step of C / (2^23 - 1))."""
     timeout_s: float = 600.0
     """How long each key/share/unmask stage waits for replies (training waits server.timeout_s)."""
     roster: str = ""
@@ -109,11 +113,32 @@ class SecAggConfig:
             f"must be in 16..53 (float64 holds 53-bit integers), got {self.quantization_bits}",
         )
         _require(self.timeout_s > 0, "secagg.timeout_s", f"must be > 0, got {self.timeout_s}")
+        _require(
+            self.modulus_bits in SECAGG_MODULUS_BITS,
+            "secagg.modulus_bits",
+            f"must be 32 or 64 (the width of a masked value on the wire), got {self.modulus_bits}",
+        )
+        _require(
+            self.quantization_bits < self.modulus_bits and self.max_clients >= 2,
+            "secagg.quantization_bits",
+            f"is {self.quantization_bits}: a sum of 2 clients would overflow "
+            f"secagg.modulus_bits={self.modulus_bits}; at most {self.modulus_bits - 1} bits "
+            "(e.g. 24 for up to 256 clients with a 32-bit modulus)",
+        )
 
     @property
     def max_clients(self) -> int:
-        """Most clients whose fixed-point sum fits in 64 bits."""
-        return ((1 << 63) - 1) // ((1 << (self.quantization_bits - 1)) - 1)
+        """Most clients whose fixed-point sum fits in ``modulus_bits`` bits (signed)."""
+        return max_clients(self.quantization_bits, self.modulus_bits)
+
+
+SECAGG_MODULUS_BITS = (32, 64)
+
+
+def max_clients(bits: int, modulus_bits: int) -> int:
+    """Most clients whose sum of ``bits``-bit signed values fits in a signed ``modulus_bits``
+    integer: (2^(m-1) - 1) // (2^(bits-1) - 1)."""
+    return ((1 << (modulus_bits - 1)) - 1) // ((1 << (bits - 1)) - 1)
 
 
 DP_PLACEMENTS = ("central", "distributed", "local")

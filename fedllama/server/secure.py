@@ -40,6 +40,7 @@ from fedllama.privacy.secagg.params import (
     U64,
     SecAggAbort,
     SecAggError,
+    from_wire,
     get_field,
     get_ids,
     get_pairs,
@@ -467,7 +468,7 @@ class _SecureRound:
                 continue
             try:
                 masked, metrics, num_examples, train_loss = _check_masked(
-                    reply.content, self.length
+                    reply.content, self.length, self.server.cfg.modulus_bits
                 )
                 check_cap(num_examples, self.plan.max_examples)
                 self.server.add_masked(node, masked)
@@ -529,25 +530,26 @@ class _SecureRound:
         }
 
 
-def _check_masked(content: RecordDict, length: int) -> tuple[U64, dict[str, Any], float, float]:
-    """A mask-stage reply's masked vector and metrics (raises ReplyError/SecAggError)."""
+def _check_masked(
+    content: RecordDict, length: int, modulus_bits: int
+) -> tuple[U64, dict[str, Any], float, float]:
+    """A mask-stage reply's masked vector (as uint64) and metrics (raises
+    ReplyError/SecAggError): ``length`` integers of the round's width (uint64, or uint32 for a
+    32-bit modulus)."""
     arrays = content.array_records.get(MASKED)
     if arrays is None or set(arrays) != {MASKED}:
         raise SecAggError(f"no ArrayRecord {MASKED!r} holding one array {MASKED!r}")
     array = arrays[MASKED]
-    if array.dtype != "uint64" or tuple(array.shape) != (length,):
+    wire = "uint64" if modulus_bits == 64 else "uint32"
+    if array.dtype != wire or tuple(array.shape) != (length,):
         raise SecAggError(
-            f"masked vector is {array.dtype} {tuple(array.shape)}, expected uint64 ({length},)"
+            f"masked vector is {array.dtype} {tuple(array.shape)}, expected {wire} ({length},)"
         )
     try:
-        masked = np.asarray(array.numpy())
+        payload = np.asarray(array.numpy())
     except Exception as err:  # a corrupt payload fails inside numpy's loader
         raise SecAggError(f"masked vector cannot be decoded ({err})") from None
-    if masked.dtype != np.dtype(np.uint64) or masked.shape != (length,):
-        raise SecAggError(
-            f"masked vector's payload is {masked.dtype.str} {masked.shape}, not the declared "
-            f"uint64 ({length},)"
-        )
+    masked = from_wire(payload, modulus_bits, length)  # the payload as declared, or refused
     metrics = content.metric_records.get(METRICS)
     num_examples, train_loss = check_metrics(metrics)
     assert metrics is not None  # check_metrics raised otherwise

@@ -25,7 +25,7 @@ from fedllama.privacy.secagg.messages import (
     unmask_reply,
     unmask_request,
 )
-from fedllama.privacy.secagg.params import F32, F64, U64
+from fedllama.privacy.secagg.params import F32, F64, U64, from_wire, to_wire
 from fedllama.privacy.secagg.server import SecAggServer
 
 
@@ -163,9 +163,11 @@ class _LocalDriver:
                     return client.mask_integers(distributed.encode(vector, self.ddg))
                 return client.mask(self.vectors[node])[0]
 
-            self.masked[node] = self.on_client("mask", node, mask)
+            bits = self.server.cfg.modulus_bits
+            self.masked[node] = to_wire(self.on_client("mask", node, mask), bits)
             self.up["mask"] += self.masked[node].nbytes
-            self.serve("mask", self.server.add_masked, node, self.masked[node])
+            summed = from_wire(self.masked[node], bits, self.masked[node].shape[0])
+            self.serve("mask", self.server.add_masked, node, summed)
 
     def unmask_stage(self) -> None:
         """Stage 4: survivors and dropouts out, shares back."""

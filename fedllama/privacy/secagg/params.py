@@ -40,14 +40,17 @@ class SecAggAbort(RuntimeError):
 
 @dataclass(frozen=True)
 class Quantizer:
-    """Stochastic fixed point in two's complement modulo 2^64.
+    """Stochastic fixed point in two's complement modulo 2^m (``modulus_bits``, 64 or 32).
 
     ``q = round_stochastic(clip(x, -C, C) · S)`` with ``S = (2^(bits-1) - 1) / C``: |q| <
     2^(bits-1), step 1/S, rounding unbiased (E[q/S] = clip(x)), error per value below one step.
+    Arithmetic is done modulo 2^64 (numpy's uint64 wraps) and read modulo 2^m: 2^m divides
+    2^64, so a value, a mask or a sum reduced to m bits is the same residue either way.
     """
 
     clip_range: float
     bits: int
+    modulus_bits: int = 64
 
     @property
     def scale(self) -> float:
@@ -76,8 +79,29 @@ class Quantizer:
         return out, clipped
 
     def dequantize(self, total: U64) -> F64:
-        """The (signed) sum of quantized vectors, back in units of x."""
-        return total.view(np.int64).astype(np.float64) / self.scale
+        """The (signed) sum of quantized vectors, back in units of x (``total`` read modulo
+        2^m)."""
+        if self.modulus_bits == 64:
+            return total.view(np.int64).astype(np.float64) / self.scale
+        return to_wire(total, self.modulus_bits).view(np.int32).astype(np.float64) / self.scale
+
+
+def to_wire(values: U64, modulus_bits: int) -> npt.NDArray[np.unsignedinteger[Any]]:
+    """Values modulo 2^64 as they travel: uint64, or their low 32 bits as uint32 (the residue
+    modulo 2^32) when ``modulus_bits`` is 32."""
+    return values if modulus_bits == 64 else values.astype(np.uint32)
+
+
+def from_wire(values: npt.NDArray[Any], modulus_bits: int, length: int) -> U64:
+    """A masked vector off the wire as uint64 for summing modulo 2^64; SecAggError unless it
+    is ``length`` values of the round's width."""
+    wire = np.dtype(np.uint64 if modulus_bits == 64 else np.uint32)
+    if values.dtype != wire or values.shape != (length,):
+        raise SecAggError(
+            f"masked vector is {values.dtype} {values.shape}, expected {wire} ({length},) "
+            f"for a {modulus_bits}-bit modulus"
+        )
+    return values.astype(np.uint64)
 
 
 def neighbour_count(num_nodes: int, requested: int = 0) -> int:
@@ -123,6 +147,7 @@ class Params:
     """k + 1: a full neighbourhood plus the node itself."""
     clip_range: float
     bits: int
+    modulus_bits: int = 64
 
     def to_record(self) -> dict[str, int | float]:
         """As ConfigRecord fields."""
@@ -132,6 +157,7 @@ class Params:
             "shares": self.shares,
             "clip-range": self.clip_range,
             "bits": self.bits,
+            "modulus-bits": self.modulus_bits,
         }
 
     @classmethod
@@ -143,21 +169,28 @@ class Params:
             shares=get_field(rec, "shares", int),
             clip_range=get_field(rec, "clip-range", float),
             bits=get_field(rec, "bits", int),
+            modulus_bits=get_field(rec, "modulus-bits", int),
         )
         if not 2 <= params.threshold <= params.shares:
             raise SecAggError(
                 f"threshold {params.threshold} must be in 2..shares ({params.shares})"
             )
-        if not params.clip_range > 0 or not 16 <= params.bits <= 53:
+        if (
+            not params.clip_range > 0
+            or not 16 <= params.bits <= 53
+            or params.modulus_bits not in (32, 64)
+            or params.bits >= params.modulus_bits
+        ):
             raise SecAggError(
-                f"bad quantization: clip-range {params.clip_range}, bits {params.bits}"
+                f"bad quantization: clip-range {params.clip_range}, bits {params.bits}, "
+                f"modulus-bits {params.modulus_bits}"
             )
         return params
 
     @property
     def quantizer(self) -> Quantizer:
         """The round's fixed-point format."""
-        return Quantizer(self.clip_range, self.bits)
+        return Quantizer(self.clip_range, self.bits, self.modulus_bits)
 
 
 def get_field(rec: Mapping[str, Any], key: str, kind: type) -> Any:

@@ -73,13 +73,16 @@ class SecAggServer:
 
     def __post_init__(self) -> None:
         n = len(self.nodes)
-        self.quantizer = Quantizer(self.cfg.clip_range, self.cfg.quantization_bits)
+        self.quantizer = Quantizer(
+            self.cfg.clip_range, self.cfg.quantization_bits, self.cfg.modulus_bits
+        )
         if n < 2:
             raise SecAggAbort(f"secure aggregation needs at least 2 clients in a round, got {n}")
         if n > self.cfg.max_clients:
             raise SecAggAbort(
-                f"{n} clients could overflow the 64-bit sum at secagg.quantization_bits="
-                f"{self.cfg.quantization_bits} (at most {self.cfg.max_clients})"
+                f"{n} clients could overflow the {self.cfg.modulus_bits}-bit sum at "
+                f"secagg.quantization_bits={self.cfg.quantization_bits} (at most "
+                f"{self.cfg.max_clients})"
             )
         self.k = neighbour_count(n, self.cfg.num_neighbours)
         self.threshold = threshold_count(self.cfg.threshold, self.k + 1)
@@ -112,6 +115,7 @@ class SecAggServer:
             self.k + 1,
             self.cfg.clip_range,
             self.cfg.quantization_bits,
+            self.cfg.modulus_bits,
         )
 
     def drop(self, node: int, reason: str) -> None:
@@ -186,7 +190,8 @@ class SecAggServer:
         }
 
     def add_masked(self, node: int, masked: U64) -> None:
-        """Add a node's masked vector to the running sum (mod 2^64)."""
+        """Add a node's masked vector (off the wire: :func:`from_wire`) to the running sum
+        (mod 2^64; read modulo 2^m at the end)."""
         if node in self.summed:
             raise SecAggError("a second masked vector from the same node")
         if masked.dtype != np.uint64 or masked.shape != (self.length,):
