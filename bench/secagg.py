@@ -15,6 +15,7 @@ Each figure is a ratio against the plain (no secagg) path measured in the same r
 
     .venv/bin/python bench/secagg.py [--clients 5,10,20,50] [--e2e-clients 5,10]
                                      [--only protocol|e2e] [--repeats 3] [--e2e-repeats 5]
+                                     [--modulus-bits 64|32]
 """
 
 from __future__ import annotations
@@ -132,9 +133,12 @@ def bench_protocol(args: argparse.Namespace) -> None:
     size = sum(v.numel() for v in delta.values())
     state_mb = 4 * size / 1e6
     cfg = SecAggConfig(enabled=True)
+    if args.modulus_bits == 32:  # 24-bit values leave room for 256 clients; C above the weights
+        cfg = SecAggConfig(enabled=True, modulus_bits=32, quantization_bits=24, clip_range=1e3)
     print(
         f"protocol  SmolLM2-135M r8 q/k/v/o: {size:,} values ({state_mb:.2f} MB fp32) per client, "
-        f"fedavg encoding; {cfg.quantization_bits}-bit fixed point, clip ±{cfg.clip_range:g}, "
+        f"fedavg encoding; {cfg.quantization_bits}-bit fixed point mod 2^{cfg.modulus_bits}, clip "
+        f"±{cfg.clip_range:g}, "
         f"threshold {cfg.threshold}; medians of {args.repeats}"
     )
     print(
@@ -235,6 +239,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--e2e-repeats", type=int, default=5)
     parser.add_argument("--only", choices=["protocol", "e2e"])
+    parser.add_argument(
+        "--modulus-bits", type=int, choices=[64, 32], default=64,
+        help="protocol: 32 = secagg.modulus_bits 32, quantization_bits 24, clip_range 1e3",
+    )  # fmt: skip
     parser.add_argument(
         "--cache", default=str(Path(tempfile.gettempdir()) / "fedllama-bench-cache")
     )
