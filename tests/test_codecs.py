@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedllama import config as config_lib
 from fedllama.wire import codecs
-from fedllama.wire.records import ARRAYS, METRICS, ReplyError, record_bytes
+from fedllama.wire.records import ARRAYS, METRICS, ReplyError, from_record, record_bytes
 from fedllama.wire.validate import ReplySpec, validate_reply
 from tests.harness import InProcessGrid, logged, tiny_config
 from tests.harness import run as _run
@@ -258,3 +258,30 @@ def test_a_round_with_int8_sends_fewer_bytes_and_drops_a_corrupt_reply_by_name(
     assert any("(client 1)" in w and "scales must be finite" in w for w in warnings)
     # the tiny model's factors are small (64 x rank): each array's 128-byte header weighs
     assert coded[1]["bytes_up"] / 2 < 0.8 * stripped[1]["bytes_up"] / 3
+
+
+def test_a_float16_view_stays_float32_where_it_would_overflow() -> None:
+    state = {"small": torch.tensor([1e-3, -2.5]), "huge": torch.tensor([1e6, 0.0])}
+
+    record = codecs.encode_view(state, "fp16")
+
+    assert (record["small"].dtype, record["huge"].dtype) == ("float16", "float32")
+    assert from_record(record)["huge"].tolist() == [1e6, 0.0]
+    assert from_record(record)["small"].dtype == torch.float32
+    assert torch.equal(from_record(codecs.encode_view(state))["small"], state["small"])
+
+
+def test_a_float16_downlink_halves_the_bytes_down_and_trains_as_float32_does(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    two = ("server.rounds=2", "output.plot=false")
+    wide = _run(InProcessGrid(3), tiny_config(cache_dir, tmp_path / "f32", *two))
+    half = _run(
+        InProcessGrid(3), tiny_config(cache_dir, tmp_path / "f16", *two, "wire.downlink=fp16")
+    )
+
+    # round 2 starts from a trained global: float16 rounds it, each array's header stays
+    assert 0.45 < half[2]["bytes_down"] / wide[2]["bytes_down"] < 0.6
+    assert half[2]["bytes_up"] == wide[2]["bytes_up"]
+    assert half[2]["eval_loss"] != wide[2]["eval_loss"], "the clients got the rounded view"
+    assert half[2]["eval_loss"] == pytest.approx(wide[2]["eval_loss"], rel=1e-3)

@@ -523,6 +523,7 @@ class OutputConfig:
 
 
 WIRE_CODECS = ("none", "strip", "fp16", "int8", "topk")
+WIRE_DOWNLINKS = ("none", "fp16")
 LOSSLESS_CODECS = ("none", "strip")
 
 
@@ -535,9 +536,14 @@ class WireConfig:
     ``fp16``, ``int8`` (both stripped first) or ``topk`` (with error feedback)."""
     topk_fraction: float = 0.05
     """``topk``: the share of each tensor's entries sent (the largest magnitudes)."""
+    downlink: str = "none"
+    """How the global state travels to clients: ``none`` (float32) or ``fp16`` (half the
+    bytes; a tensor beyond float16's range stays float32). Each client trains from, and sends
+    its delta against, the view it received, so the server's sum stays exact."""
 
     def __post_init__(self) -> None:
         _one_of(self.codec, "wire.codec", WIRE_CODECS)
+        _one_of(self.downlink, "wire.downlink", WIRE_DOWNLINKS)
         _require(
             0.0 < self.topk_fraction <= 1.0,
             "wire.topk_fraction",

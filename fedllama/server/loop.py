@@ -83,6 +83,7 @@ class ServerRun:
             min_nodes=cfg.server.min_replies,
             sampler=dp.sampler if dp else None,
             codec=codecs.build(cfg.wire.codec, cfg.wire.topk_fraction),
+            downlink=cfg.wire.downlink,
         )
         if dp is not None and cfg.dp.adaptive_clipping:
             strategy.extra_keys = {UNCLIPPED: (1,)}

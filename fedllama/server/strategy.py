@@ -26,7 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedllama.merge import AdapterState, MergeStrategy, frozen_key
 from fedllama.privacy.dp import Sampler
 from fedllama.server.aggregate import OnReply, RoundPlan, RoundRecord, collect
-from fedllama.wire.codecs import Codec
+from fedllama.wire.codecs import Codec, encode_view
 from fedllama.wire.records import CONFIG_YAML, DP_CLIP_NORM, NUM_EXAMPLES, TRAIN_LOSS, to_record
 from fedllama.wire.validate import ReplySpec
 
@@ -45,6 +45,7 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         min_nodes: nodes that must be connected before a round starts.
         sampler: under differential privacy, who takes part (instead of ``fraction_train``).
         codec: how replies travel (``wire.codec``; default float32 as it is).
+        downlink: how the global state travels to clients (``wire.downlink``).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         min_nodes: int = 1,
         sampler: Sampler | None = None,
         codec: Codec | None = None,
+        downlink: str = "none",
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -66,6 +68,7 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         self.merge = merge
         self.sampler = sampler
         self.codec = codec or Codec()
+        self.downlink = downlink
         self.population = 0
         """Nodes connected when ``sampler`` last drew a round."""
         self.extra_keys: dict[str, tuple[int, ...]] = {}
@@ -101,7 +104,7 @@ class FedLlamaStrategy(FedAvg):  # type: ignore[misc]
         config[CONFIG_YAML] = self.config_yaml
         if self.clip_norm is not None:
             config[DP_CLIP_NORM] = self.clip_norm
-        arrays = to_record(self.global_state)
+        arrays = encode_view(self.global_state, self.downlink)
         if self.sampler is None:
             return list(super().configure_train(server_round, arrays, config, grid))
         _, connected = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)

@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from fedllama.merge import AdapterState
 from fedllama.merge.lora import is_a, is_b
-from fedllama.wire.records import ReplyError
+from fedllama.wire.records import ReplyError, to_record
 
 SCALE = "#scale"
 INDEX = "#index"
@@ -224,6 +224,19 @@ class Fp16Codec(Codec):
         self, key: str, record: Mapping[str, Array], shape: tuple[int, ...]
     ) -> np.ndarray:
         return unstrip(key, _array(record, key, ("float16", "float32")), shape)
+
+
+def encode_view(state: AdapterState, downlink: str = "none") -> ArrayRecord:
+    """The global state as it travels to clients (``wire.downlink``): float32 as it is, or
+    ``fp16`` (each tensor within float16's range halved; the client widens it back)."""
+    if downlink == "none":
+        return to_record(state)
+    arrays = {}
+    for key, value in state.items():
+        value = value.detach().to("cpu", torch.float32)
+        fits = bool(value.abs().max() <= FP16_MAX) if value.numel() else True
+        arrays[key] = Array(value.to(torch.float16).numpy() if fits else value.numpy())
+    return ArrayRecord(array_dict=arrays)
 
 
 def _scale_axis(key: str) -> int:

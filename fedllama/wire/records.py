@@ -48,8 +48,9 @@ def to_record(state: AdapterState) -> ArrayRecord:
 
 
 def from_record(record: ArrayRecord) -> AdapterState:
-    """Flower ``ArrayRecord`` -> float32 tensors."""
-    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
+    """Flower ``ArrayRecord`` -> float32 tensors (a float16 downlink, ``wire.downlink=fp16``,
+    widened back)."""
+    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)).float() for k, a in record.items()}
 
 
 def record_bytes(record: ArrayRecord) -> int:
