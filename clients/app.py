@@ -28,7 +28,7 @@ def train(msg: Message, context: Context) -> Message:
     # process, and secure aggregation's key, share and unmask messages need none of this (torch,
     # transformers, peft: seconds of imports per message).
     import strategies
-    from fedllama.client.round import run_round
+    from fedllama.client.round import Phases, run_round
     from fedllama.client.settings import NodeSettings, client_state_path, load_split
     from fedllama.config import from_yaml
     from fedllama.merge import residual_view
@@ -46,34 +46,41 @@ def train(msg: Message, context: Context) -> Message:
     )
 
     setup_logging()
-    settings = msg.content.config_records[CONFIG]
-    progress.mark_started(int(str(settings[ROUND])), context.node_id)  # a simulation's view
-    node = NodeSettings.from_node_config(dict(context.node_config))
-    run_cfg = from_yaml(str(settings[CONFIG_YAML]))
-    cfg = node.apply(run_cfg)
-    if DP_CLIP_NORM in settings:  # this round's C: it adapts under dp.adaptive_clipping
-        clip_norm = float(cast(float, settings[DP_CLIP_NORM]))
-        cfg = replace(cfg, dp=replace(cfg.dp, clip_norm=clip_norm))
-    split = load_split(cfg, node)
-    merge = strategies.build(run_cfg)
-    rank = node.rank(run_cfg)
-    global_state = from_record(msg.content.array_records[ARRAYS])
-    view = merge.client_view(global_state, rank)
-    residual = residual_view(merge, global_state, rank)
+    phases = Phases()
+    with phases("message"):
+        settings = msg.content.config_records[CONFIG]
+        progress.mark_started(int(str(settings[ROUND])), context.node_id)  # a simulation's view
+        node = NodeSettings.from_node_config(dict(context.node_config))
+        run_cfg = from_yaml(str(settings[CONFIG_YAML]))
+        cfg = node.apply(run_cfg)
+        if DP_CLIP_NORM in settings:  # this round's C: it adapts under dp.adaptive_clipping
+            clip_norm = float(cast(float, settings[DP_CLIP_NORM]))
+            cfg = replace(cfg, dp=replace(cfg.dp, clip_norm=clip_norm))
+        merge = strategies.build(run_cfg)
+        global_state = from_record(msg.content.array_records[ARRAYS])
+    with phases("data"):
+        split = load_split(cfg, node)
+    with phases("view"):
+        rank = node.rank(run_cfg)
+        view = merge.client_view(global_state, rank)
+        residual = residual_view(merge, global_state, rank)
     server_round = int(str(settings[ROUND]))
     # the partition in a simulation, the node id in a deployment: seeds differ per client
     client_id = node.partition_id if node.partition_id is not None else context.node_id
     state_path = client_state_path(cfg, node)  # under this node's own cache-dir
-    result = run_round(cfg, merge, view, split, server_round, client_id, rank, state_path, residual)
-    arrays = codecs.encode_update(
-        codecs.build(cfg.wire.codec, cfg.wire.topk_fraction),
-        result.encoded,
-        merge.count_keys,
-        weight=float(result.metrics[NUM_EXAMPLES]),
-        seed=round_seed(cfg.data.seed, server_round, client_id),
-        feedback=codecs.feedback_path(state_path),
+    result = run_round(
+        cfg, merge, view, split, server_round, client_id, rank, state_path, residual, phases
     )
-    metrics = MetricRecord(dict(result.metrics.items()))  # type: ignore[arg-type]
+    with phases("encode"):
+        arrays = codecs.encode_update(
+            codecs.build(cfg.wire.codec, cfg.wire.topk_fraction),
+            result.encoded,
+            merge.count_keys,
+            weight=float(result.metrics[NUM_EXAMPLES]),
+            seed=round_seed(cfg.data.seed, server_round, client_id),
+            feedback=codecs.feedback_path(state_path),
+        )
+    metrics = MetricRecord({**result.metrics, **phases.metrics()})  # type: ignore[arg-type]
     return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
 
 

@@ -14,7 +14,7 @@ from fedllama.config import ConfigError
 from fedllama.model import adapters
 from fedllama.server import checkpoint
 from fedllama.server.loop import RoundFailed
-from fedllama.wire.records import ARRAYS
+from fedllama.wire.records import ARRAYS, PHASES
 from tests.harness import InProcessGrid, tiny_config
 from tests.harness import run as _run
 
@@ -38,6 +38,10 @@ def test_two_rounds_write_peft_rounds_and_metrics(cache_dir: Path, tmp_path: Pat
     r1, _ = adapters.load_adapter(tmp_path / "run" / "round-001")
     r2, _ = adapters.load_adapter(tmp_path / "run" / "round-002")
     assert any(not torch.equal(r1[k], r2[k]) for k in r1), "round 2 changed the adapter"
+    for client in rows[1]["clients"]:  # where each client's time went (bench/scale.py)
+        phases = {p: client[f"time-{p}"] for p in PHASES}
+        assert all(s >= 0 for s in phases.values()) and phases["train"] >= client["seconds"]
+        assert sum(phases.values()) < rows[1]["seconds"]
 
 
 def test_rerun_resumes_after_last_completed_round(cache_dir: Path, tmp_path: Path) -> None:

@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +18,11 @@ from safetensors.torch import load_file, save_file
 
 from fedllama import data, model
 from fedllama.config import Config
+from fedllama.data import Encoded
 from fedllama.merge import AdapterState, MergeStrategy, frozen_key, robust
 from fedllama.model import adapters, replay, train
 from fedllama.privacy.dp import privatize
+from fedllama.wire.records import PHASES
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,25 @@ def _save_local_state(trained: AdapterState, local: frozenset[str], state_path: 
 
 
 @dataclass
+class Phases:
+    """Wall seconds per phase of one client round (``bench/scale.py`` reads them)."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        """``time-<phase>`` -> seconds."""
+        return {f"time-{phase}": seconds for phase, seconds in self.seconds.items()}
+
+
+@dataclass
 class RoundOutput:
     """A client's reply: the encoded delta and its metrics."""
 
@@ -59,29 +83,32 @@ def run_round(
     rank: int | None = None,
     state_path: Path | None = None,
     residual: AdapterState | None = None,
+    phases: Phases | None = None,
 ) -> RoundOutput:
     """Train from ``view`` (at LoRA rank ``rank``, default ``lora.r``) on ``split.train`` and
     encode the delta (trained - view) of the factors the strategy trains and shares this round.
 
     Factors the strategy keeps local (``merge.local``) are read from and written back to
     ``state_path``, so they survive rounds and restarts of the client. ``residual`` (exact
-    strategies: ``merge.residual_view``) is installed as a frozen second adapter.
+    strategies: ``merge.residual_view``) is installed as a frozen second adapter. ``phases``
+    collects the time of each phase.
     """
     rank = cfg.lora.r if rank is None else rank
-    lora_model, tok = model.get_lora_model(replace(cfg, lora=cfg.lora.at_rank(rank)))
-    model.set_residual(lora_model, residual or {}, cfg)
-    view = _with_local_state(view, merge.local, state_path)
-    adapters.set_adapter_state(lora_model, view)
-    frozen = merge.frozen(server_round)
-    model.set_frozen(lora_model, frozen)
-    eval_set = data.encode_all(tok, split.eval[: cfg.train.client_eval_size], cfg.data)
+    phases = phases or Phases()
+    with phases("model"):
+        lora_model, tok = model.get_lora_model(replace(cfg, lora=cfg.lora.at_rank(rank)))
+        model.set_residual(lora_model, residual or {}, cfg)
+        view = _with_local_state(view, merge.local, state_path)
+        adapters.set_adapter_state(lora_model, view)
+        frozen = merge.frozen(server_round)
+        model.set_frozen(lora_model, frozen)
+    with phases("data"):
+        eval_set = data.encode_all(tok, split.eval[: cfg.train.client_eval_size], cfg.data)
+        train_set = data.encode_all(tok, split.train, cfg.data)
     seed = replay.round_seed(cfg.data.seed, server_round, client_id)  # leakage replays it
-    result = _train(cfg, lora_model, tok, split, seed, f"client {client_id} round {server_round}")
-    trained = adapters.get_adapter_state(lora_model)
-    unsent = frozen | merge.local
-    delta = {k: v for k, v in adapters.subtract(trained, view).items() if not frozen_key(k, unsent)}
-    if merge.local and state_path is not None:
-        _save_local_state(trained, merge.local, state_path)
+    with phases("train"):
+        who = f"client {client_id} round {server_round}"
+        result = _train(cfg, lora_model, int(tok.pad_token_id), train_set, seed, who)
     metrics: dict[str, float | int] = {
         "num-examples": result.num_examples,
         "train-loss": result.train_loss,
@@ -92,20 +119,41 @@ def run_round(
         "client-id": client_id,
     }
     if eval_set:
-        pad_id = int(tok.pad_token_id)
-        batch = cfg.train.eval_batch_size
-        metrics["client-eval-loss"] = train.evaluate(lora_model, eval_set, batch, pad_id)
+        with phases("eval"):
+            pad_id = int(tok.pad_token_id)
+            batch = cfg.train.eval_batch_size
+            metrics["client-eval-loss"] = train.evaluate(lora_model, eval_set, batch, pad_id)
+    with phases("encode"):
+        trained = adapters.get_adapter_state(lora_model)
+        unsent = frozen | merge.local
+        delta = adapters.subtract(trained, view)
+        delta = {k: v for k, v in delta.items() if not frozen_key(k, unsent)}
+        if merge.local and state_path is not None:
+            _save_local_state(trained, merge.local, state_path)
+        encoded = _encode(cfg, merge, delta, view, result, server_round, client_id)
+    return RoundOutput(encoded, metrics)
+
+
+def _encode(
+    cfg: Config,
+    merge: MergeStrategy,
+    delta: AdapterState,
+    view: AdapterState,
+    result: train.TrainResult,
+    server_round: int,
+    client_id: int,
+) -> AdapterState:
+    """The delta as the strategy encodes it: weighted by examples, or under DP weighted 1 and
+    clipped (noised when the noise is local)."""
     if not cfg.dp.enabled:
         weight = float(result.num_examples)
         encoded = merge.encode(delta, weight, view)
         if cfg.secagg.enabled and cfg.robust.norm_bound > 0:  # the server checks only the sum
             encoded = bound_own_update(encoded, merge.count_keys, weight, cfg.robust.norm_bound)
-        return RoundOutput(encoded, metrics)
+        return encoded
     # DP-FedAvg: every client weighs 1, clips its update (and adds noise when it is local)
     encoded = merge.encode(delta, 1.0, view)
-    return RoundOutput(
-        privatize(encoded, merge.count_keys, cfg.dp, server_round, client_id), metrics
-    )
+    return privatize(encoded, merge.count_keys, cfg.dp, server_round, client_id)
 
 
 def bound_own_update(
@@ -122,16 +170,14 @@ def bound_own_update(
 
 
 def _train(
-    cfg: Config, lora_model: Any, tok: Any, split: data.Split, seed: int, who: str
+    cfg: Config, lora_model: Any, pad_id: int, train_set: list[Encoded], seed: int, who: str
 ) -> train.TrainResult:
-    """``train.local_steps`` steps on the split's training examples, progress logged."""
-    train_set = data.encode_all(tok, split.train, cfg.data)
+    """``train.local_steps`` steps on the encoded training examples, progress logged."""
     torch.manual_seed(seed)
 
     def progress(step: int, loss: float) -> None:
         log.info("%s: step %d/%d loss %.4f", who, step, cfg.train.local_steps, loss)
 
-    pad_id = int(tok.pad_token_id)
     return train.train_local(
         lora_model, train_set, cfg.train, pad_id=pad_id, seed=seed, progress=progress
     )

@@ -40,6 +40,12 @@ CLIENT_ID = "client-id"
 """Metric: the client's id (its partition id in a simulation, else its node id)."""
 
 
+PHASES = ("message", "view", "model", "data", "train", "eval", "encode")
+"""A client round's phases, each sent as a ``time-<phase>`` metric (seconds): reading the
+message (the config, the global state), building the view, loading it into the model, loading
+and encoding the data, the optimizer steps, the client eval, encoding the reply."""
+
+
 def to_record(state: AdapterState) -> ArrayRecord:
     """Tensors -> Flower ``ArrayRecord`` (float32: Flower's ``Array`` rejects bf16)."""
     return ArrayRecord(

@@ -18,6 +18,7 @@ from fedllama.wire.records import (
     CLIENT_ID,
     METRICS,
     NUM_EXAMPLES,
+    PHASES,
     TRAIN_LOSS,
 )
 from fedllama.wire.records import ReplyError as ReplyError  # raised here; callers import it here
@@ -84,6 +85,7 @@ METRIC_RULES: dict[str, tuple[str, float, float]] = {
     "lora-rank": (_INT, 1, math.inf),
     CLIENT_ID: (_INT, 0, math.inf),
     "secagg-clipped": (_INT, 0, math.inf),
+    **{f"time-{phase}": (_NUM, 0.0, math.inf) for phase in PHASES},
 }
 """Every metric a client may send: its kind and range. A reply with any other metric, or one
 out of its kind or range, is dropped before it counts."""
