@@ -395,6 +395,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out, write (120 dpi) and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _series(stats: Sequence[PointStats]) -> dict[str, list[PointStats]]:
     """Points grouped by strategy when ``strategy.name`` varies, else one group."""
     names = {s.point.values.get("strategy.name") for s in stats}
@@ -473,10 +481,7 @@ def plot_utility_vs_epsilon(stats: Sequence[PointStats], path: Path) -> Path:
     ax.set_title("utility against privacy" + _dp_caption(stats))
     if len(_series(stats)) > 1:
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_leakage_vs_epsilon(stats: Sequence[PointStats], path: Path) -> Path:
@@ -489,10 +494,7 @@ def plot_leakage_vs_epsilon(stats: Sequence[PointStats], path: Path) -> Path:
     right.axhline(0.01, color="grey", ls=":", label="chance")
     left.legend()
     fig.suptitle("membership inference against privacy" + _dp_caption(stats))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_canaries_vs_epsilon(stats: Sequence[PointStats], path: Path) -> Path:
@@ -509,10 +511,7 @@ def plot_canaries_vs_epsilon(stats: Sequence[PointStats], path: Path) -> Path:
     ax.axhline(BASELINE_BITS, color="grey", ls=":", label=f"never seen ({BASELINE_BITS:.2f})")
     ax.legend()
     ax.set_title("canary exposure against privacy" + _dp_caption(stats))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _bar_label(point: Point) -> str:
@@ -549,10 +548,7 @@ def plot_utility_per_strategy(stats: Sequence[PointStats], path: Path) -> Path:
     ax.set_ylabel("final global eval loss (axis not from 0)")
     ax.set_title("utility per strategy (mean ± std over seeds)")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_plots(sweep: Sweep, stats: Sequence[PointStats]) -> list[str]:
