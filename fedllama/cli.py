@@ -52,10 +52,16 @@ RUN_LOG = "run.log"
 
 
 def _load_checked(args: argparse.Namespace) -> config_lib.Config:
+    """The command's config, loaded and checked; any refusal is a ConfigError."""
     from server.app import check
 
-    cfg = config_lib.load(args.config, args.overrides)
-    check(cfg)
+    try:
+        cfg = config_lib.load(args.config, args.overrides)
+        check(cfg)
+    except config_lib.ConfigError:
+        raise
+    except ValueError as err:  # a check across sections, the registry's unknown name
+        raise config_lib.ConfigError(str(err)) from err
     return cfg
 
 
@@ -383,12 +389,7 @@ def _baseline_command(args: argparse.Namespace) -> int:
             f"--kind {args.kind!r}: expected one of {', '.join(baseline.KINDS)}",
             hint="e.g. --kind centralized",
         )
-    try:
-        cfg = _load_checked(args)
-    except config_lib.ConfigError:
-        raise
-    except ValueError as err:  # a check across sections
-        raise config_lib.ConfigError(str(err)) from err
+    cfg = _load_checked(args)
     out = Path(cfg.output.dir)
     saved = out / "config.yaml"
     if saved.is_file():  # a baseline beside a run must be of the run's config
@@ -467,12 +468,7 @@ def _run_command(args: argparse.Namespace) -> int:
         return report_lib.report_command(args)
     if args.command == "baseline":
         return _baseline_command(args)
-    try:
-        cfg = _load_checked(args)
-    except config_lib.ConfigError:
-        raise
-    except ValueError as err:
-        raise config_lib.ConfigError(str(err)) from err
+    cfg = _load_checked(args)
     if args.command == "check":
         print(config_lib.to_yaml(cfg), end="")
         return 0

@@ -44,6 +44,7 @@ from fedllama.privacy.secagg.params import (
     get_field,
     get_ids,
     get_pairs,
+    wire_dtype,
 )
 from fedllama.privacy.secagg.server import SecAggServer
 from fedllama.server.aggregate import (
@@ -540,7 +541,7 @@ def _check_masked(
     if arrays is None or set(arrays) != {MASKED}:
         raise SecAggError(f"no ArrayRecord {MASKED!r} holding one array {MASKED!r}")
     array = arrays[MASKED]
-    wire = "uint64" if modulus_bits == 64 else "uint32"
+    wire = str(wire_dtype(modulus_bits))
     if array.dtype != wire or tuple(array.shape) != (length,):
         raise SecAggError(
             f"masked vector is {array.dtype} {tuple(array.shape)}, expected {wire} ({length},)"

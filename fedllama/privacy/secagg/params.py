@@ -86,16 +86,21 @@ class Quantizer:
         return to_wire(total, self.modulus_bits).view(np.int32).astype(np.float64) / self.scale
 
 
+def wire_dtype(modulus_bits: int) -> np.dtype[Any]:
+    """The dtype a masked value travels as: uint64, or uint32 for a 32-bit modulus."""
+    return np.dtype(np.uint64 if modulus_bits == 64 else np.uint32)
+
+
 def to_wire(values: U64, modulus_bits: int) -> npt.NDArray[np.unsignedinteger[Any]]:
     """Values modulo 2^64 as they travel: uint64, or their low 32 bits as uint32 (the residue
     modulo 2^32) when ``modulus_bits`` is 32."""
-    return values if modulus_bits == 64 else values.astype(np.uint32)
+    return values.astype(wire_dtype(modulus_bits), copy=False)
 
 
 def from_wire(values: npt.NDArray[Any], modulus_bits: int, length: int) -> U64:
     """A masked vector off the wire as uint64 for summing modulo 2^64; SecAggError unless it
     is ``length`` values of the round's width."""
-    wire = np.dtype(np.uint64 if modulus_bits == 64 else np.uint32)
+    wire = wire_dtype(modulus_bits)
     if values.dtype != wire or values.shape != (length,):
         raise SecAggError(
             f"masked vector is {values.dtype} {values.shape}, expected {wire} ({length},) "
