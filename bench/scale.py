@@ -75,6 +75,8 @@ def one_round(n: int, overrides: list[str], timeout: float) -> dict[str, float]:
     clients = rows[-1]["clients"]
     mean = {p: statistics.fmean(c.get(f"time-{p}", 0.0) for c in clients) for p in PHASES}
     steps = statistics.fmean(c["seconds"] for c in clients)
+    for dropped in rows[-1].get("dropped", []):  # a reply not counted, and why
+        print(f"N={n}: dropped {dropped}")
     shutil.rmtree(out)
     return {
         "clients": len(clients),
