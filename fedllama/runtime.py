@@ -46,14 +46,15 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def quiet_libraries() -> None:
     """Keep library chatter off a command's output (``-v`` keeps it): transformers' weight
-    loading bars and advisories, bitsandbytes' note on optional CPU kernels, and deprecation and
-    future warnings of the libraries we call (ours are not theirs to fix by a user). Call before
-    the libraries are imported."""
+    loading bars and advisories, bitsandbytes' note on optional CPU kernels (and the ``kernels``
+    package's note that it skips a hub check offline), and deprecation and future warnings of
+    the libraries we call (ours are not theirs to fix by a user). Call before the libraries are
+    imported."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    for name in ("transformers", "bitsandbytes", "peft", "datasets", "accelerate"):
+    for name in ("transformers", "bitsandbytes", "kernels", "peft", "datasets", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
