@@ -39,7 +39,6 @@ def _time(fn: Callable[[], object], repeats: int) -> list[float]:
 
 def bench_client(args: argparse.Namespace) -> None:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
     cfg = config.load(
         None,
@@ -59,13 +58,10 @@ def bench_client(args: argparse.Namespace) -> None:
     view = adapters.get_adapter_state(lora_model)
 
     # The baseline: what a user would write with transformers + peft directly.
-    base_dir = model.resolve_base_dir(cfg.model)
+    # The same base weights (our loader: NF4 from its cache, bitsandbytes' CPU repacking off).
+    plain = model.load_base(cfg.model)
     if cfg.model.quantization == "nf4":
-        qdir = model._quantized_dir(cfg.model, base_dir, torch.float32)
-        plain = AutoModelForCausalLM.from_pretrained(qdir, device_map={"": "cpu"})
         plain = prepare_model_for_kbit_training(plain, use_gradient_checkpointing=False)
-    else:
-        plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     plain = get_peft_model(plain, LoraConfig(**cfg.lora.peft_kwargs(), task_type="CAUSAL_LM"))
     adapters.set_adapter_state(plain, view)
     rng = np.random.default_rng(0)

@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedllama.data import IGNORE_INDEX, Encoded, collate
-from fedllama.model.train import model_device, token_logits
+from fedllama.model.train import answer_logits, model_device
 
 
 @dataclass
@@ -76,20 +76,21 @@ def answer_stats(
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        inputs = (batch["input_ids"], batch["attention_mask"])
-        logits = token_logits(model, *inputs)[:, :-1]  # (B, T-1, V): t predicts token t+1
+        logits, targets = answer_logits(model, batch)  # (n, V), (n,): the answer positions
         base_logits = logits
         if with_base:
             with model.disable_adapter():
-                base_logits = token_logits(model, *inputs)[:, :-1]
-        labels = batch["labels"][:, 1:]  # (B, T-1)
-        for i, example in enumerate(chunk):
-            mask = labels[i] != IGNORE_INDEX
-            targets = labels[i][mask]
-            chosen, mean, std = _token_stats(logits[i][mask], targets)
-            base = (
-                _token_stats(base_logits[i][mask], targets)[0] if with_base else chosen * math.nan
-            )
+                base_logits = answer_logits(model, batch)[0]
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
+        rows = zip(
+            torch.split(logits, counts),
+            torch.split(base_logits, counts),
+            torch.split(targets, counts),
+            strict=True,
+        )
+        for example, (row, base_row, row_targets) in zip(chunk, rows, strict=True):
+            chosen, mean, std = _token_stats(row, row_targets)
+            base = _token_stats(base_row, row_targets)[0] if with_base else chosen * math.nan
             answer = [t for t in example.labels if t != IGNORE_INDEX]
             text = str(tokenizer.decode(answer, skip_special_tokens=True))
             out.append(AnswerStats(_numpy(chosen), _numpy(mean), _numpy(std), _numpy(base), text))

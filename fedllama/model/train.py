@@ -106,12 +106,12 @@ def train_local(
         for _ in range(cfg.grad_accum):
             batch = {k: v.to(device) for k, v in collate(next(stream), pad_id).items()}
             tokens += int(batch["input_ids"].numel())
-            loss = model(**batch).loss
+            loss = answer_loss(model, batch)
             losses.append(float(loss.detach()))
             if anchor:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                 loss = loss + 0.5 * cfg.fedprox_mu * prox
-            (loss / cfg.grad_accum).backward()
+            torch.autograd.backward(loss / cfg.grad_accum)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -136,6 +136,45 @@ def token_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     return logits[:, -input_ids.shape[1] :]
 
 
+def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The decoder stack and LM head of a peft model's causal LM, to run the head only where a
+    loss is taken; None where peft's own forward must run (prompt and prefix tuning add virtual
+    tokens or a cache there). Every supported architecture's causal LM computes its logits as
+    ``lm_head(decoder(...).last_hidden_state)`` (no soft-capping or scaling)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or config.is_prompt_learning:
+        return None
+    causal = model.get_base_model()
+    return causal.get_decoder(), causal.get_output_embeddings()
+
+
+def answer_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits (n, V) at the n positions whose next token is an answer token (a label other
+    than -100), row by row, and those tokens (n,).
+
+    The LM head runs at those positions only: on a small model with a large vocabulary (the
+    tiny model: hidden 64, 49,152 tokens) the head and its softmax over every prompt position
+    are most of a training step. The logits equal the full forward's at those positions."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    parts = _decoder_and_head(model)
+    if parts is None:
+        logits = token_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
+    else:
+        decoder, head = parts
+        hidden = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        logits = head(hidden[:, :-1][mask])
+    return logits, labels[mask]
+
+
+def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the batch's answer tokens: transformers' causal-LM loss."""
+    logits, targets = answer_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+
 @torch.no_grad()
 def evaluate(model: Any, examples: Sequence[Encoded], batch_size: int, pad_id: int) -> float:
     """Mean per-token loss on the answer tokens of ``examples`` (NaN when empty)."""
@@ -146,15 +185,7 @@ def evaluate(model: Any, examples: Sequence[Encoded], batch_size: int, pad_id: i
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-        logits = token_logits(model, batch["input_ids"], batch["attention_mask"])
-        shift_logits = logits[:, :-1].float()
-        shift_labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        total += float(loss)
-        count += int((shift_labels != -100).sum())
+        logits, targets = answer_logits(model, batch)
+        total += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
+        count += int(targets.numel())
     return total / max(count, 1)
