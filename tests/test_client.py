@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
 import strategies
-from fedllama import model
+from fedllama import data, model
 from fedllama.client import round as client_round
 from fedllama.client import settings as client_settings
 from fedllama.client.settings import ClientSetupError, NodeSettings
@@ -16,6 +17,7 @@ from fedllama.config import Config
 from fedllama.merge import WEIGHT_KEY
 from fedllama.model import adapters
 from fedllama.model.adapters import AdapterError
+from tests.harness import logged
 
 
 def test_node_config_overrides_rank_device_batch_and_steps(tiny_cfg: Config) -> None:
@@ -76,6 +78,41 @@ def test_round_replies_with_the_encoded_delta_only(tiny_cfg: Config) -> None:
     for k, v in view.items():
         assert out.encoded[k].dtype == torch.float32
         assert torch.allclose(out.encoded[k], n * (trained[k] - v), atol=1e-5), "w·(trained - view)"
+
+
+def test_a_client_whose_eval_answers_do_not_fit_still_trains_and_replies(
+    tiny_cfg: Config,
+) -> None:
+    """With 1,000 clients a client can draw an eval split whose only answer lies beyond
+    data.max_seq_len: its round goes on without a client eval (it failed the round before)."""
+    split = client_settings.load_split(tiny_cfg, NodeSettings(partition_id=0, num_partitions=3))
+    long = {"messages": [{"role": "user", "content": "word " * 200},
+                         {"role": "assistant", "content": "an answer"}]}  # fmt: skip
+    split = data.Split(train=split.train, eval=[long])
+    lora_model, _ = model.get_lora_model(tiny_cfg)
+
+    with logged("fedllama", logging.INFO) as lines:
+        out = client_round.run_round(
+            tiny_cfg,
+            strategies.build(tiny_cfg),
+            adapters.get_adapter_state(lora_model),
+            split,
+            server_round=1,
+            client_id=7,
+        )
+
+    assert out.metrics["num-examples"] == len(split.train)
+    assert "client-eval-loss" not in out.metrics
+    assert any(line.startswith("client 7: no client eval this round") for line in lines)
+    with pytest.raises(data.DataError, match="no usable example"):
+        client_round.run_round(
+            tiny_cfg,
+            strategies.build(tiny_cfg),
+            adapters.get_adapter_state(lora_model),
+            data.Split(train=[long], eval=split.eval),
+            server_round=1,
+            client_id=7,
+        )
 
 
 def test_local_factors_come_from_the_clients_own_state(tmp_path: Path) -> None:

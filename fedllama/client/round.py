@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from fedllama import data, model
 from fedllama.config import Config
-from fedllama.data import Encoded
+from fedllama.data import Encoded, Example
 from fedllama.merge import AdapterState, MergeStrategy, frozen_key, robust
 from fedllama.model import adapters, replay, train
 from fedllama.privacy.dp import privatize
@@ -73,6 +73,17 @@ class RoundOutput:
     metrics: dict[str, float | int]
 
 
+def _eval_set(tok: Any, examples: list[Example], cfg: Config, client_id: int) -> list[Encoded]:
+    """The client's own eval examples, encoded; none (no client eval this round, logged) when
+    every answer lies beyond ``data.max_seq_len``: a client with few examples can draw such an
+    eval split, and its training round is still worth sending."""
+    try:
+        return data.encode_all(tok, examples, cfg.data)
+    except data.DataError as err:
+        log.info("client %d: no client eval this round: its eval split has %s", client_id, err)
+        return []
+
+
 def run_round(
     cfg: Config,
     merge: MergeStrategy,
@@ -103,7 +114,7 @@ def run_round(
         frozen = merge.frozen(server_round)
         model.set_frozen(lora_model, frozen)
     with phases("data"):
-        eval_set = data.encode_all(tok, split.eval[: cfg.train.client_eval_size], cfg.data)
+        eval_set = _eval_set(tok, split.eval[: cfg.train.client_eval_size], cfg, client_id)
         train_set = data.encode_all(tok, split.train, cfg.data)
     seed = replay.round_seed(cfg.data.seed, server_round, client_id)  # leakage replays it
     with phases("train"):
