@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from fedllama import progress
 from fedllama.client import secagg
 from fedllama.privacy.secagg import ACTIONS
-from fedllama.runtime import setup_logging, stay_offline
+from fedllama.runtime import setup_client, stay_offline
 
 stay_offline()  # before transformers is imported, in the handlers
 app = ClientApp()
@@ -45,7 +45,7 @@ def train(msg: Message, context: Context) -> Message:
         from_record,
     )
 
-    setup_logging()
+    setup_client()
     phases = Phases()
     with phases("message"):
         settings = msg.content.config_records[CONFIG]

@@ -34,7 +34,7 @@ import traceback
 from argparse import SUPPRESS
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fedllama import config as config_lib
 from fedllama import progress
@@ -95,6 +95,28 @@ def preflight(cfg: config_lib.Config) -> None:
     checkpoint.check_resumable(Path(cfg.output.dir), cfg)
     if cfg.output.tensorboard:
         tensorboard.require()
+    _check_resources(cfg.simulation)
+
+
+def _check_resources(sim: config_lib.SimulationConfig) -> None:
+    """A client's CPUs and GPUs must fit this machine, or Flower's actor pool is empty and its
+    runtime crashes mid-run; a cluster's (``simulation.ray_address``) are the cluster's."""
+    if sim.ray_address:
+        return
+    import torch
+
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    if sim.client_cpus > cpus:
+        raise config_lib.ConfigError(
+            f"simulation.client_cpus={sim.client_cpus}: this machine has {cpus} CPUs",
+            hint=f"simulation.client_cpus={cpus} or less",
+        )
+    if sim.client_gpus > gpus:
+        raise config_lib.ConfigError(
+            f"simulation.client_gpus={sim.client_gpus}: this machine has {gpus} CUDA devices",
+            hint="simulation.client_gpus=0 (train on the CPU)" if not gpus else
+            f"simulation.client_gpus={gpus} or a fraction, e.g. 0.5 (two clients per GPU)",
+        )  # fmt: skip
 
 
 def _view(cfg: config_lib.Config, run_log: RunLog, verbose: bool, live_dir: Path) -> Any:
@@ -109,6 +131,18 @@ def _view(cfg: config_lib.Config, run_log: RunLog, verbose: bool, live_dir: Path
         )
         return LiveView(run_log.out, cfg.server.rounds, title, live_dir)
     return plain_lines(run_log.err)
+
+
+def _backend_config(sim: config_lib.SimulationConfig) -> dict[str, Any]:
+    """Flower's Ray backend: each client's resources, and the cluster to join, if any."""
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
+        "init_args": {"include_dashboard": False, "logging_level": logging.ERROR},
+    }
+    if sim.ray_address:  # clients run on an existing cluster's workers
+        backend_config["init_args"]["address"] = sim.ray_address
+        log.info("simulation: connecting to the Ray cluster at %s", sim.ray_address)
+    return backend_config
 
 
 def simulate(cfg: config_lib.Config, verbose: bool = False) -> int:
@@ -140,23 +174,19 @@ def simulate(cfg: config_lib.Config, verbose: bool = False) -> int:
         os.environ.pop("FEDLLAMA_OVERRIDES", None)
         os.environ[progress.LIVE_DIR_ENV] = live_dir  # Ray's workers inherit it
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # a Ray tip per actor
-        backend_config: Any = {
-            "client_resources": {
-                "num_cpus": cfg.simulation.client_cpus,
-                "num_gpus": cfg.simulation.client_gpus,
-            },
-            "init_args": {"include_dashboard": False, "logging_level": logging.ERROR},
-        }
-        if cfg.simulation.ray_address:  # clients run on an existing cluster's workers
-            backend_config["init_args"]["address"] = cfg.simulation.ray_address
-            log.info("simulation: connecting to the Ray cluster at %s", cfg.simulation.ray_address)
-        run_simulation(
-            server_app=server.app.app,
-            client_app=clients.app.app,
-            num_supernodes=cfg.simulation.num_clients,
-            backend_config=backend_config,
-        )
+        crashed = None
+        try:
+            run_simulation(
+                server_app=server.app.app,
+                client_app=clients.app.app,
+                num_supernodes=cfg.simulation.num_clients,
+                backend_config=_backend_config(cfg.simulation),
+            )
+        except RuntimeError as err:  # Flower's "Simulation Runtime crashed" (Ray did not start)
+            crashed = err
         os.environ.pop(progress.LIVE_DIR_ENV, None)
+    if crashed is not None:
+        _exit_after_crash(crashed, out)
     done = checkpoint.last_round(out) or 0
     print(
         f"{done}/{cfg.server.rounds} rounds in {time.perf_counter() - t0:.0f} s; "
@@ -168,6 +198,23 @@ def simulate(cfg: config_lib.Config, verbose: bool = False) -> int:
     if done < cfg.server.rounds:
         print(f"fedllama: the run stopped early; see {out / RUN_LOG}", file=sys.stderr)
     return 0 if done >= cfg.server.rounds else 1
+
+
+def _exit_after_crash(err: RuntimeError, out: Path) -> NoReturn:
+    """End the process when Flower's simulation runtime crashed: its ServerApp thread is left
+    waiting for replies that never come (up to ``server.timeout_s``), and it cannot be stopped,
+    so a clean return would hang. Ray is shut down first; run.log has the traceback."""
+    import ray
+
+    cause: BaseException = err
+    while cause.__cause__ is not None:  # Flower wraps the reason twice
+        cause = cause.__cause__
+    print(f"fedllama: the simulation runtime crashed: {cause}", file=sys.stderr)
+    print(f"fedllama: its traceback is in {out / RUN_LOG}", file=sys.stderr)
+    ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 ROUND_COMMANDS = ("generate", "chat", "export")

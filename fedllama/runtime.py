@@ -58,3 +58,32 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
+
+
+def pin_worker_threads() -> int | None:
+    """In a simulation's Ray worker, run torch on the CPUs Ray assigned the worker
+    (``simulation.client_cpus``), so that the workers on a machine never oversubscribe its
+    cores, whatever ``OMP_NUM_THREADS`` the user exported or a cluster's workers inherited.
+    Returns the thread count set; None outside a Ray worker (a SuperNode's ClientApp, a test)."""
+    if "ray" not in sys.modules:
+        return None
+    import ray
+    import torch
+
+    if not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    cpus = context.get_assigned_resources().get("CPU")  # type: ignore[no-untyped-call]
+    if not cpus:
+        return None
+    threads = max(1, int(cpus))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def setup_client() -> None:
+    """What a ClientApp sets up for each training message: fedllama's log lines and, in a
+    simulation's Ray worker, its torch threads."""
+    setup_logging()
+    pin_worker_threads()

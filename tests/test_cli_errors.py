@@ -113,3 +113,67 @@ def test_each_mistake_ends_with_what_to_do(
     assert re.search(fix, lines[-1]), (fix, lines[-1])
     assert re.search(says, lines[-2]), (says, lines[-2])
     assert ("Traceback" in err) is verbose, err
+
+
+def _more_gpus_than_here() -> tuple[str, str, str]:
+    import torch
+
+    gpus = torch.cuda.device_count()
+    fix = "client_gpus=0" if not gpus else f"client_gpus={gpus} or a fraction"
+    return f"simulation.client_gpus={gpus + 1}", f"this machine has {gpus} CUDA devices", fix
+
+
+@pytest.mark.parametrize("resource", ["cpus", "gpus"])
+def test_client_resources_this_machine_lacks_are_refused_before_the_run(
+    resource: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Flower's actor pool would be empty and its runtime crash mid-run."""
+    override, says, fix = (
+        ("simulation.client_cpus=4096", r"client_cpus=4096.0: this machine has \d+ CPUs", "less")
+        if resource == "cpus"
+        else _more_gpus_than_here()
+    )
+    code = cli.main(["simulate", str(TINY_YAML), f"output.dir={tmp_path}/run", override])
+
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert re.search(says, lines[-2]) and re.search(fix, lines[-1]), lines
+    assert not (tmp_path / "run").exists(), "refused before anything is written"
+
+
+CRASH = """
+import sys, threading
+import flwr.simulation
+from fedllama import cli, config
+
+def crash(**kwargs):
+    threading.Thread(target=threading.Event().wait).start()  # the ServerApp thread, left waiting
+    try:
+        raise ValueError("ActorPool is empty")
+    except ValueError as err:
+        raise RuntimeError("Simulation Runtime crashed.") from err
+
+flwr.simulation.run_simulation = crash
+sys.exit(cli.simulate(config.load(sys.argv[1], sys.argv[2:])))
+"""
+
+
+def test_a_crashed_simulation_runtime_ends_the_command_instead_of_hanging(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    """Flower's runtime crashing (Ray could not start the clients) left its ServerApp thread
+    waiting for replies: the command hung until server.timeout_s. It must end, exit 1, and say
+    why and where the traceback is."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    argv = [str(TINY_YAML), f"model.cache_dir={cache_dir}", f"output.dir={out}"]
+
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH, *argv], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "fedllama: the simulation runtime crashed: ActorPool is empty" in proc.stderr
+    assert f"its traceback is in {out / 'run.log'}" in proc.stderr

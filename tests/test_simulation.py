@@ -38,6 +38,7 @@ def test_simulate_runs_rounds_and_writes_peft_adapters(cache_dir: Path, tmp_path
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[-1]["clients_ok"] == 3
+    assert {c["threads"] for c in rows[-1]["clients"]} == {1}, "1 torch thread per 1-CPU worker"
     assert (out / "loss.png").stat().st_size > 1000
     round_dir = out / "round-002"
     base = json.loads((round_dir / "adapter_config.json").read_text())["base_model_name_or_path"]

@@ -128,6 +128,7 @@ def run_round(
         "tokens": result.tokens,
         "lora-rank": rank,
         "client-id": client_id,
+        "threads": torch.get_num_threads(),  # what a simulation's Ray worker was given
     }
     if eval_set:
         with phases("eval"):

@@ -85,6 +85,7 @@ METRIC_RULES: dict[str, tuple[str, float, float]] = {
     "lora-rank": (_INT, 1, math.inf),
     CLIENT_ID: (_INT, 0, math.inf),
     "secagg-clipped": (_INT, 0, math.inf),
+    "threads": (_INT, 1, math.inf),  # torch threads the client trained with
     **{f"time-{phase}": (_NUM, 0.0, math.inf) for phase in PHASES},
 }
 """Every metric a client may send: its kind and range. A reply with any other metric, or one
