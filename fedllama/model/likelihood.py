@@ -8,6 +8,7 @@ one model in memory serves both.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from transformers import PreTrainedTokenizerBase
 
 from fedllama.data import IGNORE_INDEX, Encoded, collate
 from fedllama.model.train import answer_logits, model_device
+
+TRIM_EVERY = 8
+"""Batches between two :func:`release_freed_memory` calls in :func:`answer_stats`."""
 
 
 @dataclass
@@ -46,6 +50,19 @@ def _token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     mean = (p * logp).sum(-1)
     var = ((p * logp * logp).sum(-1) - mean * mean).clamp_min(0.0)
     return chosen, mean, var.sqrt()
+
+
+def release_freed_memory() -> None:
+    """Hand the C allocator's freed pages back to the system (glibc's ``malloc_trim``).
+
+    Scoring thousands of examples interleaves (n, V) temporaries of a few MB with the small
+    results kept per example, and glibc keeps the freed temporaries' pages in its heap: on the
+    SmolLM2 canaries (4,040 secrets) ``fedllama canaries`` grew to 16 GB. Measured on 202
+    secrets: RSS 514 MB before, 1,395 MB after, 678 MB after a trim. A no-op where the C
+    library has no ``malloc_trim`` (macOS, musl)."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -96,4 +113,7 @@ def answer_stats(
             out.append(AnswerStats(_numpy(chosen), _numpy(mean), _numpy(std), _numpy(base), text))
         if progress is not None:
             progress(len(out), len(examples))
+        if (start // batch_size) % TRIM_EVERY == TRIM_EVERY - 1:
+            release_freed_memory()
+    release_freed_memory()
     return out
