@@ -139,13 +139,18 @@ def token_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
 def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     """The decoder stack and LM head of a peft model's causal LM, to run the head only where a
     loss is taken; None where peft's own forward must run (prompt and prefix tuning add virtual
-    tokens or a cache there). Every supported architecture's causal LM computes its logits as
-    ``lm_head(decoder(...).last_hidden_state)`` (no soft-capping or scaling)."""
+    tokens or a cache there). Every supported architecture's causal LM holds its decoder stack
+    at ``.model`` and computes its logits as ``lm_head(model(...).last_hidden_state)`` (no
+    soft-capping or scaling); ``get_decoder()`` is not used: Llama 4's returns the causal LM
+    itself (its ``base_model_prefix`` names no attribute)."""
     config = getattr(model, "active_peft_config", None)
     if config is None or config.is_prompt_learning:
         return None
     causal = model.get_base_model()
-    return causal.get_decoder(), causal.get_output_embeddings()
+    decoder = getattr(causal, "model", None)
+    if not isinstance(decoder, torch.nn.Module):
+        return None
+    return decoder, causal.get_output_embeddings()
 
 
 def answer_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
