@@ -10,11 +10,13 @@ import pytest
 import torch
 from flwr.app import Array, Message
 
+from fedllama import config as config_lib
 from fedllama.config import ConfigError
+from fedllama.merge import WEIGHT_KEY
 from fedllama.model import adapters
 from fedllama.server import checkpoint
 from fedllama.server.loop import RoundFailed
-from fedllama.wire.records import ARRAYS, PHASES
+from fedllama.wire.records import ARRAYS, PHASES, from_record
 from tests.harness import InProcessGrid, tiny_config
 from tests.harness import run as _run
 
@@ -169,3 +171,40 @@ def test_client_at_another_rank_is_dropped_with_the_reason(
     assert rows[-1]["clients_ok"] == 2 and rows[-1]["clients_dropped"] == 1
     assert "dropped node 102: error reply" in caplog.text
     assert "global rank 4, got a client of rank 8" in caplog.text
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+def test_uniform_weighting_merges_the_plain_mean_of_clients_with_unequal_examples(
+    cache_dir: Path, tmp_path: Path, secure: bool
+) -> None:
+    sent: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(pid: int, reply: Message) -> Message:
+        if ARRAYS in reply.content.array_records:
+            sent[pid] = from_record(reply.content.array_records[ARRAYS])
+        return reply
+
+    out = tmp_path / "run"
+    common = ["server.rounds=1", "data.partition=dirichlet", "output.plot=false"]
+    extra = ["secagg.enabled=true"] if secure else []
+    cfg = tiny_config(cache_dir, out, *common, "strategy.weighting=uniform", *extra)
+    rows = _run(InProcessGrid(3, keep), cfg)
+
+    counts = [c["num-examples"] for c in rows[-1]["clients"]]
+    assert rows[-1]["clients_ok"] == 3 and len(set(counts)) > 1  # examples would weigh unequally
+    before, _ = adapters.load_adapter(out / "round-000")
+    after, _ = adapters.load_adapter(out / "round-001")
+    if not secure:  # in the clear each reply carries weight 1
+        assert all(float(s[WEIGHT_KEY]) == 1.0 for s in sent.values())
+        for key in before:
+            mean = torch.stack([s[key] for s in sent.values()]).mean(0)
+            torch.testing.assert_close(after[key] - before[key], mean, rtol=1e-4, atol=1e-6)
+    plain = tmp_path / "plain"
+    _run(InProcessGrid(3), tiny_config(cache_dir, plain, *common, *extra))
+    by_examples, _ = adapters.load_adapter(plain / "round-001")
+    assert any(not torch.allclose(after[k], by_examples[k]) for k in after)
+
+
+def test_an_unknown_weighting_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="strategy.weighting"):
+        config_lib.load(None, ["strategy.weighting=tokens"])

@@ -155,10 +155,12 @@ def _encode(
     server_round: int,
     client_id: int,
 ) -> AdapterState:
-    """The delta as the strategy encodes it: weighted by examples, or under DP weighted 1 and
-    clipped (noised when the noise is local)."""
+    """The delta as the strategy encodes it: weighted by examples (1 with
+    ``strategy.weighting=uniform``), or under DP weighted 1 and clipped (noised when the noise
+    is local)."""
     if not cfg.dp.enabled:
-        weight = float(result.num_examples)
+        uniform = cfg.strategy.weighting == "uniform"
+        weight = 1.0 if uniform else float(result.num_examples)
         encoded = merge.encode(delta, weight, view)
         if cfg.secagg.enabled and cfg.robust.norm_bound > 0:  # the server checks only the sum
             encoded = bound_own_update(encoded, merge.count_keys, weight, cfg.robust.norm_bound)

@@ -393,11 +393,17 @@ class StrategyConfig:
     """Merge strategy (see ``strategies/``); the name is checked against the registry."""
 
     name: str = "fedavg"
+    weighting: str = "examples"
+    """How clients' deltas are weighed in the merge: ``examples`` (by training examples, as in
+    FedAvg, McMahan et al. 2017) or ``uniform`` (every client 1, as DP-FedAvg weighs them; for
+    when one client's data would dominate, or to compare a run with its DP counterpart).
+    Under DP every client weighs 1 whatever this says."""
     flexlora_form: str = "dense"
     """``flexlora`` only: ``dense`` (summable; clients send out×in products) or ``factored``
     (trusted server; clients send their factors, the server never forms an out×in matrix)."""
 
     def __post_init__(self) -> None:
+        _one_of(self.weighting, "strategy.weighting", ("examples", "uniform"))
         _one_of(self.flexlora_form, "strategy.flexlora_form", ("dense", "factored"))
 
 

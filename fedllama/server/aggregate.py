@@ -93,10 +93,13 @@ class RoundPlan:
     """A norm bound or a robust combiner (``robust.*``), when the run sets one."""
     names: dict[int, int] = field(default_factory=dict)
     """Node -> the client id its replies carry (kept across rounds), to name it in logs."""
+    uniform: bool = False
+    """``strategy.weighting=uniform``: every reply's encoding carries weight 1."""
 
     def expected_weight(self, num_examples: float) -> float:
-        """The weight a reply's encoding must carry: its examples, or 1 under DP."""
-        return 1.0 if self.release is not None else num_examples
+        """The weight a reply's encoding must carry: its examples, or 1 under DP or with
+        uniform weighting."""
+        return 1.0 if self.release is not None or self.uniform else num_examples
 
     def decode(self, summed: AdapterState) -> AdapterState:
         """The aggregated delta from the sum of the encodings (released first under DP)."""

@@ -318,6 +318,7 @@ def aggregate_round(
     progress.events.round_started(server_round, [m.metadata.dst_node_id for m in messages])
     plan = strategy.plan(server_round, messages, _log_reply(server_round, len(messages)))
     plan.max_examples = cfg.server.max_examples
+    plan.uniform = cfg.strategy.weighting == "uniform"
     plan.robust = cfg.robust if cfg.robust.enabled else None
     needed = cfg.server.min_replies
     if run.dp is not None:

@@ -335,9 +335,10 @@ class _SecureRound:
 
     def check_total_weight(self, summed: AdapterState) -> None:
         """The unmasked sum's weight must be what the summed clients declared (their examples,
-        or 1 each under DP): every client owns rank slot 0, so element 0 of each count key
-        sums their weights. A client that masked a weight it did not declare shows here, and
-        the sum is not released (which client cannot be told: the server sees only the sum)."""
+        or 1 each under DP or ``strategy.weighting=uniform``): every client owns rank slot 0, so
+        element 0 of each count key sums their weights. A client that masked a weight it did
+        not declare shows here, and the sum is not released (which client cannot be told: the
+        server sees only the sum)."""
         expected = sum(self.plan.expected_weight(c[NUM_EXAMPLES]) for c in self.record.clients)
         tolerance = (
             1e-6 * max(1.0, expected) + len(self.record.clients) * self.server.quantizer.step
