@@ -102,7 +102,7 @@ RUNS = {
         "strategy.name=zero_pad",
         "lora.client_ranks=[2,4]",
     ),
-    "llama4": ("lora.target_modules=attention", "lora.use_dora=true", "model.quantization=none"),
+    "llama4": ("lora.target_modules=attention", "lora.use_dora=true"),
     "mistral": ("lora.target_modules=all-linear", "strategy.name=hetlora", "lora.use_dora=true"),
     "qwen2": ("lora.use_rslora=true", "lora.use_dora=true", "lora.target_modules=mlp"),
 }
@@ -236,16 +236,25 @@ def test_unsupported_architecture_is_refused_with_the_supported_ones(tmp_path: P
         assert model_type in message
 
 
-def test_nf4_llama4_is_refused_before_loading(family_dirs: dict[str, Path], tmp_path: Path) -> None:
-    cfg = tiny_config(
-        tmp_path / "cache",
-        tmp_path / "run",
-        f"model.path={family_dirs['llama4']}",
-        "model.quantization=nf4",
-    )
+def test_nf4_llama4_is_quantized_from_its_base_with_its_experts_intact(
+    family_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
 
-    with pytest.raises(ModelError, match="model.quantization=nf4: .* is a 'llama4_text' model"):
-        model.resolve_base_dir(cfg.model)
+    base = family_dirs["llama4"]
+    cache = tmp_path / "cache"
+    cfg = tiny_config(cache, tmp_path / "run", f"model.path={base}", "model.quantization=nf4")
+
+    nf4 = model.load_base(cfg.model)
+
+    full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    assert isinstance(nf4.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    for ours, theirs in zip(nf4.model.layers, full.model.layers, strict=True):
+        experts, base_experts = ours.feed_forward.experts, theirs.feed_forward.experts
+        torch.testing.assert_close(experts.gate_up_proj, base_experts.gate_up_proj)
+        torch.testing.assert_close(experts.down_proj, base_experts.down_proj)
+    assert not (cache / "quantized").exists() or not any((cache / "quantized").iterdir())
 
 
 def test_llama_adapter_is_refused_beyond_llama_and_mistral_and_past_the_layers(

@@ -196,23 +196,20 @@ ARCHITECTURES = {
 }
 """A base's ``config.json`` ``model_type`` -> its family: what ``model.path`` accepts (the LoRA
 presets and tests/test_family.py cover these; docs/adapters.md)."""
-NO_NF4 = ("llama4_text",)
-"""Architectures whose NF4 copy does not load back (transformers 5.24 saves Llama 4's fused
-experts but expects one module per expert when it reloads them): ``model.quantization=none``."""
+NF4_UNCACHED = ("llama4_text",)
+"""Architectures quantized from the base at every load instead of through the NF4 disk cache:
+their saved 4-bit copy does not load back (reloading it, transformers 5.25 expects one 4-bit
+module per Llama 4 expert where the copy holds the fused experts, and fails initializing them)."""
 
 
-def check_architecture(base_dir: Path, quantization: str = "none") -> None:
-    """Refuse a base whose ``config.json`` names an architecture not in :data:`ARCHITECTURES`,
-    or one that cannot be used with ``quantization``.
+def check_architecture(base_dir: Path) -> None:
+    """Refuse a base whose ``config.json`` names an architecture not in :data:`ARCHITECTURES`.
 
     Raises:
         ModelError: the ``model_type`` is missing or unsupported (the message lists the
-            supported ones), or it is in :data:`NO_NF4` and ``quantization`` is ``nf4``.
+            supported ones).
     """
-    try:
-        model_type = json.loads((base_dir / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError) as err:
-        raise ModelError(f"{base_dir / 'config.json'} is not a JSON object: {err}") from None
+    model_type = _model_type(base_dir)
     if model_type not in ARCHITECTURES:
         supported = ", ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items())
         raise ModelError(
@@ -220,12 +217,18 @@ def check_architecture(base_dir: Path, quantization: str = "none") -> None:
             f"(config.json model_type): {supported}",
             hint="point model.path at a LLaMA, Mistral, Qwen2 or Llama 4 text checkpoint",
         )
-    if quantization == "nf4" and model_type in NO_NF4:
-        raise ModelError(
-            f"model.quantization=nf4: {base_dir} is a {model_type!r} model, whose 4-bit copy "
-            "does not load back in this transformers version (its fused MoE experts)",
-            hint="set model.quantization=none for this model",
-        )
+
+
+def _model_type(base_dir: Path) -> Any:
+    """``config.json``'s ``model_type`` (None when it names none).
+
+    Raises:
+        ModelError: ``config.json`` is not a JSON object.
+    """
+    try:
+        return json.loads((base_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ModelError(f"{base_dir / 'config.json'} is not a JSON object: {err}") from None
 
 
 def resolve_base_dir(cfg: ModelConfig) -> Path:
@@ -246,7 +249,7 @@ def resolve_base_dir(cfg: ModelConfig) -> Path:
                 hint="point model.path at a folder written by save_pretrained (config.json and "
                 "weights), or leave it unset for the embedded model (model.name=smollm2-135m)",
             )
-        check_architecture(path, cfg.quantization)
+        check_architecture(path)
         return path
     root = cache_root(cfg)
     if cfg.name == "tiny":
@@ -333,6 +336,14 @@ def load_base(cfg: ModelConfig) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map=device_map)
         took = time.perf_counter() - t0
         log.info("base model loaded in %.2f s (%s, not quantized)", took, base_dir.name)
+        return model  # type: ignore[no-any-return]
+    if _model_type(base_dir) in NF4_UNCACHED:
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, quantization_config=_bnb_config(dtype), device_map=device_map
+        )
+        keep_nf4_trainable(model)
+        took = time.perf_counter() - t0
+        log.info("base model loaded in %.2f s (%s, quantized to NF4 now)", took, base_dir.name)
         return model  # type: ignore[no-any-return]
     qdir = _quantized_dir(cfg, base_dir, dtype)
     qdir.parent.mkdir(parents=True, exist_ok=True)
