@@ -85,11 +85,19 @@ def check(cfg: Config) -> None:
 
 
 def _check_adapter(cfg: Config, strategy: MergeStrategy) -> None:
-    """DoRA and the dense adapter kinds against the strategy (docs/adapters.md)."""
+    """DoRA, expert LoRA and the dense adapter kinds against the strategy
+    (docs/adapters.md)."""
     if cfg.adapter.dense and strategy.dense_refusal:
         raise config_lib.ConfigError(
             f"adapter.kind: strategy {strategy.name} cannot merge a {cfg.adapter.kind} adapter: "
             f"{strategy.dense_refusal}; use one of {_able(cfg, lambda s: not s.dense_refusal)}"
+        )
+    if cfg.lora.parameters() and strategy.name != "fedavg":
+        raise config_lib.ConfigError(
+            f"lora.target_parameters: strategy {strategy.name} cannot merge expert LoRA: peft "
+            "keeps every expert's rank slots in one factor, which rank slots, zero padding "
+            "and B·A products read as one rank-r factor; use fedavg (A and B averaged "
+            "separately, as peft trains them)"
         )
     if cfg.lora.use_dora and strategy.dora_refusal:
         raise config_lib.ConfigError(

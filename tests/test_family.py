@@ -31,8 +31,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from fedllama import config as config_lib
 from fedllama import model
-from fedllama.config import Config
+from fedllama.client.settings import ClientSetupError, NodeSettings
+from fedllama.config import Config, ConfigError
 from fedllama.model import ModelError
 from fedllama.model.lora import fresh_adapter
 from tests.harness import InProcessGrid, loads_in_peft, run, tiny_config
@@ -268,4 +270,63 @@ def test_llama_adapter_is_refused_beyond_llama_and_mistral_and_past_the_layers(
         family_cache, tmp_path / "run", family_dirs["mistral"], *kind, "adapter.adapter_layers=3"
     )
     with pytest.raises(ModelError, match=r"adapter.adapter_layers=3: the base has 2 layers"):
+        model.get_lora_model(cfg)
+
+
+def test_llama4_routed_experts_train_through_peft_target_parameters(
+    family_dirs: dict[str, Path], family_cache: Path, tmp_path: Path
+) -> None:
+    base = family_dirs["llama4"]
+    cfg = _cfg(family_cache, tmp_path / "run", base, "lora.target_parameters=experts")
+
+    rows = run(InProcessGrid(2), cfg)
+
+    assert rows[1]["clients_ok"] == 2 and math.isfinite(rows[1]["eval_loss"])
+    round_dir = tmp_path / "run" / "round-001"
+    saved_config = json.loads((round_dir / "adapter_config.json").read_text())
+    assert sorted(saved_config["target_parameters"]) == sorted(cfg.lora.parameters())
+    merged = load_file(str(round_dir / "adapter_model.safetensors"))
+    initial = fresh_adapter(model.get_lora_model(cfg)[0], cfg.data.seed)
+    experts = [k for k in merged if ".experts." in k and "lora_" in k]
+    # each of the 2 layers: gate_up_proj and down_proj, A and B; r slots per expert (2 experts)
+    assert len(experts) == 8
+    assert all(2 * cfg.lora.r in merged[k].shape for k in experts)
+    assert any(not torch.allclose(merged[k], initial[k]) for k in experts if "lora_B" in k)
+    loads_in_peft(round_dir, base)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (("lora.client_ranks=[2,8]",), "lora.client_ranks: mixed ranks do not apply"),
+        (("lora.use_dora=true",), "lora.use_dora: peft has no DoRA"),
+        (("adapter.kind=ia3",), "lora.target_parameters: is a LoRA option"),
+        (("lora.target_parameters=shared",), "lora.target_parameters"),
+    ],
+)
+def test_expert_lora_options_it_cannot_take_are_refused(
+    overrides: tuple[str, ...], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        config_lib.load(None, ["lora.target_parameters=experts", *overrides])
+
+
+def test_expert_lora_is_refused_by_other_strategies_and_on_a_base_without_experts(
+    family_dirs: dict[str, Path], family_cache: Path, tmp_path: Path
+) -> None:
+    from server.app import check
+
+    experts = "lora.target_parameters=experts"
+    with pytest.raises(ConfigError, match="strategy hetlora cannot merge expert LoRA"):
+        check(config_lib.load(None, [experts, "strategy.name=hetlora"]))
+    plain = config_lib.load(None, [experts])
+    with pytest.raises(ClientSetupError, match="lora-rank=2: mixed ranks do not apply"):
+        NodeSettings.from_node_config({"partition-id": 0, "lora-rank": 2}).rank(plain)
+    assert NodeSettings.from_node_config({"lora-rank": plain.lora.r}).rank(plain) == plain.lora.r
+    cfg = _cfg(family_cache, tmp_path / "run", family_dirs["llama3.1"], experts)
+    with pytest.raises(ModelError, match="lora.target_parameters: .* match no parameter"):
+        model.get_lora_model(cfg)
+    router = "lora.target_parameters=[feed_forward.router.weight]"
+    cfg = _cfg(family_cache, tmp_path / "run", family_dirs["llama4"], router)
+    with pytest.raises(ModelError, match="not parameters of a module named 'experts'"):
         model.get_lora_model(cfg)

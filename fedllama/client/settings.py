@@ -71,13 +71,20 @@ class NodeSettings:
         ``lora.r``. A dense adapter (``adapter.kind``) has no rank: ``lora-rank`` is refused.
 
         Raises:
-            ClientSetupError: ``lora-rank`` set under a dense ``adapter.kind``.
+            ClientSetupError: ``lora-rank`` set under a dense ``adapter.kind``, or another
+                rank than ``lora.r`` with ``lora.target_parameters``.
         """
         if self.lora_rank is not None and cfg.adapter.dense:
             raise ClientSetupError(
                 f"node config lora-rank={self.lora_rank}: mixed ranks apply to LoRA only, and "
                 f"this run trains adapter.kind={cfg.adapter.kind}; start the SuperNode "
                 "without lora-rank"
+            )
+        if self.lora_rank not in (None, cfg.lora.r) and cfg.lora.parameters():
+            raise ClientSetupError(
+                f"node config lora-rank={self.lora_rank}: mixed ranks do not apply with "
+                f"lora.target_parameters (expert LoRA trains at lora.r={cfg.lora.r} on every "
+                "client); start the SuperNode without lora-rank"
             )
         if self.lora_rank is not None:
             return self.lora_rank

@@ -160,7 +160,7 @@ class Config:
             f"mixed ranks apply to LoRA only; adapter.kind={kind} has one shape on every client "
             "(remove lora.client_ranks or use adapter.kind=lora)",
         )
-        for key in ("use_dora", "use_rslora"):
+        for key in ("use_dora", "use_rslora", "target_parameters"):
             _require(
                 not getattr(self.lora, key),
                 f"lora.{key}",

@@ -78,6 +78,10 @@ TARGET_PRESETS: dict[str, list[str] | str] = {
 Llama 4's attention and shared expert share these names (docs/adapters.md); ``all-linear`` is
 peft's own: every linear layer but the output head."""
 
+EXPERT_PARAMETERS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
+"""``lora.target_parameters=experts``: Llama 4 text's fused routed experts (parameters of
+``Llama4TextExperts``, not linear layers), adapted by peft's ``target_parameters``."""
+
 
 ADAPTER_KINDS: dict[str, str] = {
     "lora": "LORA",
@@ -171,6 +175,12 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     """A preset (``attention``, ``mlp``, ``all-linear``: ``TARGET_PRESETS``) or module names."""
+    target_parameters: str | list[str] = field(default_factory=list)
+    """Parameters, not modules, to put LoRA on (peft's ``target_parameters``, peft >= 0.17):
+    the fused routed experts of a mixture-of-experts model. ``experts`` (Llama 4 text's
+    ``EXPERT_PARAMETERS``) or names matched as suffixes of the base's parameter names; empty:
+    none. peft keeps each expert's ``r`` rank slots in one factor (``r`` x experts rows), so it
+    trains at one rank on every client, without DoRA, merged by ``fedavg``."""
     bias: str = "none"
     use_dora: bool = False
     """DoRA: a trained magnitude vector per adapted layer (peft's ``lora_magnitude_vector``)."""
@@ -187,11 +197,18 @@ class LoraConfig:
             return preset if isinstance(preset, str) else list(preset)
         return list(self.target_modules)
 
+    def parameters(self) -> list[str]:
+        """``target_parameters`` as a list: the ``experts`` preset resolved."""
+        if isinstance(self.target_parameters, str):
+            return list(EXPERT_PARAMETERS)
+        return list(self.target_parameters)
+
     def peft_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``peft.LoraConfig`` (presets resolved)."""
         kwargs = asdict(self)
         del kwargs["client_ranks"]
         kwargs["target_modules"] = self.modules()
+        kwargs["target_parameters"] = self.parameters() or None
         return kwargs
 
     def scale(self) -> float:
@@ -218,6 +235,7 @@ class LoraConfig:
             f"must be in [0, 1), got {self.lora_dropout}",
         )
         self._check_target_modules()
+        self._check_target_parameters()
         _one_of(self.bias, "lora.bias", ("none",))
         for rank in self.client_ranks:
             _require(
@@ -243,6 +261,22 @@ class LoraConfig:
                 f"{name!r} is a preset: write lora.target_modules={name}, not a list",
             )
             _require(bool(name.strip()), "lora.target_modules", "a module name is empty")
+
+    def _check_target_parameters(self) -> None:
+        key = "lora.target_parameters"
+        if isinstance(self.target_parameters, str):
+            _one_of(self.target_parameters, key, ("experts",))
+        elif not self.target_parameters:
+            return
+        for name in self.parameters():
+            _require(bool(name.strip()), key, "a parameter name is empty")
+        why = "peft's expert LoRA keeps every expert's rank slots in one factor"
+        _require(
+            len(set(self.client_ranks) | {self.r}) == 1,
+            "lora.client_ranks",
+            f"mixed ranks do not apply with {key}: {why} (remove lora.client_ranks)",
+        )
+        _require(not self.use_dora, "lora.use_dora", f"peft has no DoRA for {key} (set it false)")
 
 
 @dataclass

@@ -43,10 +43,22 @@ def is_dense(state: AdapterState) -> bool:
     return not any(is_a(key) or is_b(key) for key in state)
 
 
+EXPERTS = ".experts."
+"""In a key: peft's LoRA on a mixture-of-experts model's fused expert parameters
+(``lora.target_parameters``), whose factors hold r rank slots per expert (r x experts)."""
+
+
+def is_expert(key: str) -> bool:
+    """A LoRA factor on fused expert parameters: not r slots wide, so no rank is read off it
+    (only ``fedavg`` merges it, element by element)."""
+    return EXPERTS in key
+
+
 def rank_of(state: AdapterState) -> int:
-    """The LoRA rank of an adapter state (rows of its A matrices)."""
-    ranks = {int(v.shape[0]) for k, v in state.items() if is_a(k)}
-    ranks |= {int(v.shape[1]) for k, v in state.items() if is_b(k)}
+    """The LoRA rank of an adapter state (rows of its A matrices; expert factors, r slots per
+    expert, left out)."""
+    ranks = {int(v.shape[0]) for k, v in state.items() if is_a(k) and not is_expert(k)}
+    ranks |= {int(v.shape[1]) for k, v in state.items() if is_b(k) and not is_expert(k)}
     if len(ranks) != 1:
         raise MergeError(f"adapter state has no single LoRA rank: {sorted(ranks)}")
     return ranks.pop()

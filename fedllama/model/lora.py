@@ -37,7 +37,7 @@ def build_lora_model(cfg: Config, base: PreTrainedModel) -> Any:
 
     Raises:
         ModelError: a name in ``lora.target_modules`` (after its preset is resolved) matches no
-            module of the base.
+            module of the base, or one in ``lora.target_parameters`` no parameter.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -59,7 +59,33 @@ def build_lora_model(cfg: Config, base: PreTrainedModel) -> Any:
             f"(LLaMA, Mistral and Qwen2 names: q_proj, k_proj, v_proj, o_proj, gate_proj, "
             f"up_proj, down_proj; presets: {', '.join(TARGET_PRESETS)})"
         )
+    unmatched = [p for p in cfg.lora.parameters() if not _has_parameter(base, p)]
+    if unmatched:
+        raise ModelError(
+            f"lora.target_parameters: {unmatched} match no parameter of the base model "
+            f"(Llama 4 text's routed experts: lora.target_parameters=experts)"
+        )
+    outside = [p for p in cfg.lora.parameters() if not _in_experts(base, p)]
+    if outside:
+        raise ModelError(
+            f"lora.target_parameters: {outside} are not parameters of a module named "
+            "'experts'; fedllama tells expert LoRA factors (r slots per expert) by that name"
+        )
     return get_peft_model(base, lora)
+
+
+def _matching(model: torch.nn.Module, suffix: str) -> list[str]:
+    names = [name for name, _ in model.named_parameters()]
+    return [name for name in names if name == suffix or name.endswith("." + suffix)]
+
+
+def _has_parameter(model: torch.nn.Module, suffix: str) -> bool:
+    return bool(_matching(model, suffix))
+
+
+def _in_experts(model: torch.nn.Module, suffix: str) -> bool:
+    """Every parameter ``suffix`` names belongs to a module named ``experts``."""
+    return all(f".{name}".rsplit(".", 2)[-2] == "experts" for name in _matching(model, suffix))
 
 
 def _has_module(model: torch.nn.Module, suffix: str) -> bool:
