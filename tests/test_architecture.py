@@ -28,10 +28,11 @@ ALLOWED: dict[str, set[str]] = {
     "server": {"config", "data", "merge", "model", "privacy", "wire", "progress"},
     "experiments": {"config", "server.metrics", "server.checkpoint", "errors"},
     "console": {"progress", "server.metrics", "experiments"},
+    "research": {"config", "data", "model", "server.checkpoint", "server.metrics", "experiments"},
     "cli": {
         "config", "data", "model", "deploy", "runtime", "server.checkpoint", "server.metrics",
         "server.tensorboard",
-        "experiments", "console", "progress", "errors",
+        "experiments", "console", "progress", "errors", "research",
     },
 }  # fmt: skip
 APPS = ("server", "clients", "strategies")
