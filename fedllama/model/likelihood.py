@@ -9,6 +9,7 @@ one model in memory serves both.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,9 +61,15 @@ def release_freed_memory() -> None:
     SmolLM2 canaries (4,040 secrets) ``fedllama canaries`` grew to 16 GB. Measured on 202
     secrets: RSS 514 MB before, 1,395 MB after, 678 MB after a trim. A no-op where the C
     library has no ``malloc_trim`` (macOS, musl)."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """The C library's ``malloc_trim``, looked up once (None where there is none)."""
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
