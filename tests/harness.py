@@ -404,3 +404,42 @@ def local_flwr_env(home: Path) -> dict[str, str]:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
     }
+
+
+def assert_answer_loss_is_the_full_loss(peft_model: Any, pad_id: int) -> None:
+    """``train.answer_loss`` (the LM head at answer positions only) gives the loss and gradients
+    of transformers' causal-LM loss over every position, and ``answer_logits`` the full
+    forward's logits at the answer positions. A trained (non-zero) adapter, rows with answers of
+    different lengths and padding make a wrong mask or shift show."""
+    import pytest
+    import torch
+
+    from fedllama import data
+    from fedllama.model import train
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    rows = [
+        data.Encoded([5, 6, 7, 8, 9, 10], [-100, -100, -100, 8, 9, 10]),
+        data.Encoded([11, 12, 13], [-100, -100, 13]),
+    ]
+    batch = data.collate(rows, pad_id)
+    peft_model.train()
+
+    def loss_and_grads(loss_of: Any) -> tuple[float, list[torch.Tensor]]:
+        loss = loss_of()
+        grads = torch.autograd.grad(loss, params)
+        return float(loss.detach()), list(grads)
+
+    ours, ours_grads = loss_and_grads(lambda: train.answer_loss(peft_model, batch))
+    full, full_grads = loss_and_grads(lambda: peft_model(**batch).loss)
+
+    assert ours == pytest.approx(full, rel=1e-5)
+    for a, b in zip(ours_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    logits, targets = train.answer_logits(peft_model, batch)
+    assert targets.tolist() == [8, 9, 10, 13]
+    full_logits = train.token_logits(peft_model, batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(logits, full_logits[[0, 0, 0, 1], [2, 3, 4, 1]])

@@ -35,9 +35,15 @@ from fedllama import config as config_lib
 from fedllama import model
 from fedllama.client.settings import ClientSetupError, NodeSettings
 from fedllama.config import Config, ConfigError
-from fedllama.model import ModelError
+from fedllama.model import ModelError, lora
 from fedllama.model.lora import fresh_adapter
-from tests.harness import InProcessGrid, loads_in_peft, run, tiny_config
+from tests.harness import (
+    InProcessGrid,
+    assert_answer_loss_is_the_full_loss,
+    loads_in_peft,
+    run,
+    tiny_config,
+)
 
 SMALL = {
     "hidden_size": 64,
@@ -277,7 +283,8 @@ def test_llama4_routed_experts_train_through_peft_target_parameters(
     family_dirs: dict[str, Path], family_cache: Path, tmp_path: Path
 ) -> None:
     base = family_dirs["llama4"]
-    cfg = _cfg(family_cache, tmp_path / "run", base, "lora.target_parameters=experts")
+    params = "[feed_forward.experts.gate_up_proj,feed_forward.experts.down_proj,router.weight]"
+    cfg = _cfg(family_cache, tmp_path / "run", base, f"lora.target_parameters={params}")
 
     rows = run(InProcessGrid(2), cfg)
 
@@ -292,6 +299,9 @@ def test_llama4_routed_experts_train_through_peft_target_parameters(
     assert len(experts) == 8
     assert all(2 * cfg.lora.r in merged[k].shape for k in experts)
     assert any(not torch.allclose(merged[k], initial[k]) for k in experts if "lora_B" in k)
+    router = [k for k in merged if ".router." in k and "lora_" in k]  # an ordinary rank-r pair
+    assert len(router) == 4 and all(cfg.lora.r in merged[k].shape for k in router)
+    assert any(not torch.allclose(merged[k], initial[k]) for k in router if "lora_B" in k)
     loads_in_peft(round_dir, base)
 
 
@@ -326,7 +336,26 @@ def test_expert_lora_is_refused_by_other_strategies_and_on_a_base_without_expert
     cfg = _cfg(family_cache, tmp_path / "run", family_dirs["llama3.1"], experts)
     with pytest.raises(ModelError, match="lora.target_parameters: .* match no parameter"):
         model.get_lora_model(cfg)
-    router = "lora.target_parameters=[feed_forward.router.weight]"
+    fused = torch.nn.Module()
+    fused.blocks = torch.nn.Module()
+    fused.blocks.w = torch.nn.Parameter(torch.zeros(2, 3, 4))
+    fused.experts = torch.nn.Module()
+    fused.experts.w = torch.nn.Parameter(torch.zeros(2, 3, 4))
+    assert lora._in_experts(fused, "experts.w") and not lora._in_experts(fused, "blocks.w")
+    router = "lora.target_modules=[q_proj,router]"
     cfg = _cfg(family_cache, tmp_path / "run", family_dirs["llama4"], router)
-    with pytest.raises(ModelError, match="not parameters of a module named 'experts'"):
+    with pytest.raises(ModelError, match=r"\['router'\] is Llama 4's router"):
         model.get_lora_model(cfg)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_answer_only_loss_is_the_full_forwards_loss_on_every_family(
+    family: str, family_dirs: dict[str, Path], family_cache: Path, tmp_path: Path
+) -> None:
+    """``answer_logits`` takes the causal LM's ``.model`` as the decoder stack and
+    ``get_output_embeddings()`` as the head: true of each architecture (Llama 4's
+    ``get_decoder()`` is the causal LM itself), tied embeddings included."""
+    overrides = ("model.quantization=none", "lora.target_modules=all-linear")
+    cfg = _cfg(family_cache, tmp_path / "run", family_dirs[family], *overrides)
+    peft_model, tok = model.get_lora_model(cfg)
+    assert_answer_loss_is_the_full_loss(peft_model, int(tok.pad_token_id))

@@ -11,7 +11,7 @@ import torch
 from fedllama import data, model
 from fedllama.config import Config, TrainConfig
 from fedllama.model import adapters, train
-from tests.harness import tiny_config
+from tests.harness import assert_answer_loss_is_the_full_loss, tiny_config
 
 
 @pytest.fixture
@@ -104,33 +104,8 @@ def test_the_answer_only_loss_is_the_full_forwards_loss_and_gradient(
 ) -> None:
     """The LM head runs at answer positions only (the decoder stack called directly), or, for
     prompt tuning's virtual tokens, on peft's forward: loss and gradients must equal those of
-    transformers' causal-LM loss over every position. A trained (non-zero) adapter, rows with
-    answers of different lengths and padding make a wrong mask or shift show."""
+    transformers' causal-LM loss over every position (the other architectures:
+    tests/test_family.py)."""
     cfg = tiny_config(cache_dir, tmp_path, f"adapter.kind={kind}")
     peft_model, tok = model.get_lora_model(cfg)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    rows = [
-        data.Encoded([5, 6, 7, 8, 9, 10], [-100, -100, -100, 8, 9, 10]),
-        data.Encoded([11, 12, 13], [-100, -100, 13]),
-    ]
-    batch = data.collate(rows, int(tok.pad_token_id))
-    peft_model.train()
-
-    def loss_and_grads(loss_of) -> tuple[float, list[torch.Tensor]]:
-        loss = loss_of()
-        grads = torch.autograd.grad(loss, params)
-        return float(loss.detach()), grads
-
-    ours, ours_grads = loss_and_grads(lambda: train.answer_loss(peft_model, batch))
-    full, full_grads = loss_and_grads(lambda: peft_model(**batch).loss)
-
-    assert ours == pytest.approx(full, rel=1e-5)
-    for a, b in zip(ours_grads, full_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-    logits, targets = train.answer_logits(peft_model, batch)
-    assert targets.tolist() == [8, 9, 10, 13]
-    full_logits = train.token_logits(peft_model, batch["input_ids"], batch["attention_mask"])
-    torch.testing.assert_close(logits, full_logits[[0, 0, 0, 1], [2, 3, 4, 1]])
+    assert_answer_loss_is_the_full_loss(peft_model, int(tok.pad_token_id))

@@ -76,7 +76,13 @@ TARGET_PRESETS: dict[str, list[str] | str] = {
 }
 """``lora.target_modules`` presets -> what ``peft.LoraConfig`` gets. LLaMA, Mistral, Qwen2 and
 Llama 4's attention and shared expert share these names (docs/adapters.md); ``all-linear`` is
-peft's own: every linear layer but the output head."""
+peft's own: every linear layer but the output head (and ``NOT_LINEAR``: Llama 4's router)."""
+
+NOT_LINEAR = ["router"]
+"""``nn.Linear`` subclasses whose forward is not a linear map, which peft's LoRA layer cannot
+wrap: Llama 4's router returns its top-k scores and its logits. ``all-linear`` leaves them out
+(peft's ``exclude_modules``); ``lora.target_parameters=[feed_forward.router.weight]`` adapts
+the router's weight instead."""
 
 EXPERT_PARAMETERS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
 """``lora.target_parameters=experts``: Llama 4 text's fused routed experts (parameters of
@@ -177,10 +183,10 @@ class LoraConfig:
     """A preset (``attention``, ``mlp``, ``all-linear``: ``TARGET_PRESETS``) or module names."""
     target_parameters: str | list[str] = field(default_factory=list)
     """Parameters, not modules, to put LoRA on (peft's ``target_parameters``, peft >= 0.17):
-    the fused routed experts of a mixture-of-experts model. ``experts`` (Llama 4 text's
-    ``EXPERT_PARAMETERS``) or names matched as suffixes of the base's parameter names; empty:
-    none. peft keeps each expert's ``r`` rank slots in one factor (``r`` x experts rows), so it
-    trains at one rank on every client, without DoRA, merged by ``fedavg``."""
+    the fused routed experts of a mixture-of-experts model, or its router's weight. ``experts``
+    (Llama 4 text's ``EXPERT_PARAMETERS``) or names matched as suffixes of the base's parameter
+    names; empty: none. peft keeps each expert's ``r`` rank slots in one factor (``r`` x experts
+    rows), so it trains at one rank on every client, without DoRA, merged by ``fedavg``."""
     bias: str = "none"
     use_dora: bool = False
     """DoRA: a trained magnitude vector per adapted layer (peft's ``lora_magnitude_vector``)."""
@@ -209,6 +215,8 @@ class LoraConfig:
         del kwargs["client_ranks"]
         kwargs["target_modules"] = self.modules()
         kwargs["target_parameters"] = self.parameters() or None
+        if kwargs["target_modules"] == "all-linear":
+            kwargs["exclude_modules"] = list(NOT_LINEAR)
         return kwargs
 
     def scale(self) -> float:

@@ -9,6 +9,7 @@ the adapter state also holds each layer's magnitude vector (docs/adapters.md).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict
 from typing import Any
 
@@ -19,9 +20,15 @@ from transformers import (
 )
 
 from fedllama.config import Config
-from fedllama.config.sections import TARGET_PRESETS
+from fedllama.config.sections import NOT_LINEAR, TARGET_PRESETS
 from fedllama.model.base import ModelError, load_base, load_tokenizer, resolve_base_dir
 from fedllama.model.kinds import build_dense_model, reset_dense
+
+# ``all-linear`` excludes Llama 4's router (``NOT_LINEAR``), and peft warns wherever a base has
+# none: on every LLaMA, Mistral and Qwen2. Nothing is wrong then; the warning is silenced.
+warnings.filterwarnings(
+    "ignore", message=r"You have passed exclude_modules=\{'router'\} but no modules were excluded"
+)
 
 TRAINABLE = "default"
 """peft's name of the adapter clients train (its keys are the adapter state's keys)."""
@@ -68,8 +75,17 @@ def build_lora_model(cfg: Config, base: PreTrainedModel) -> Any:
     outside = [p for p in cfg.lora.parameters() if not _in_experts(base, p)]
     if outside:
         raise ModelError(
-            f"lora.target_parameters: {outside} are not parameters of a module named "
-            "'experts'; fedllama tells expert LoRA factors (r slots per expert) by that name"
+            f"lora.target_parameters: {outside} are fused (3-D) parameters outside a module "
+            "named 'experts'; fedllama tells expert LoRA factors (r slots per expert) by that "
+            "name"
+        )
+    listed = targets if isinstance(targets, list) else []
+    not_linear = [m for m in listed if m in NOT_LINEAR and _has_module(base, m)]
+    if not_linear:
+        raise ModelError(
+            f"lora.target_modules: {not_linear} is Llama 4's router, whose forward returns its "
+            "top-k scores and logits: peft's LoRA layer cannot wrap it",
+            hint="adapt its weight instead: lora.target_parameters=[feed_forward.router.weight]",
         )
     return get_peft_model(base, lora)
 
@@ -84,8 +100,13 @@ def _has_parameter(model: torch.nn.Module, suffix: str) -> bool:
 
 
 def _in_experts(model: torch.nn.Module, suffix: str) -> bool:
-    """Every parameter ``suffix`` names belongs to a module named ``experts``."""
-    return all(f".{name}".rsplit(".", 2)[-2] == "experts" for name in _matching(model, suffix))
+    """Every fused (3-D) parameter ``suffix`` names belongs to a module named ``experts`` (a
+    2-D one, e.g. a router's weight, gets an ordinary rank-r factor pair)."""
+    params = dict(model.named_parameters())
+    return all(
+        params[name].ndim <= 2 or f".{name}".rsplit(".", 2)[-2] == "experts"
+        for name in _matching(model, suffix)
+    )
 
 
 def _has_module(model: torch.nn.Module, suffix: str) -> bool:
