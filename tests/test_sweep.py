@@ -525,3 +525,19 @@ def test_a_real_sweep_of_the_tiny_config_runs_and_resumes(cache_dir: Path, tmp_p
     assert all(float(r["final_eval_loss"]) > 0 for r in rows)
     assert again.returncode == 0 and again.stderr.count("finished, skipped") == 2
     assert (tmp_path / "out" / "strategy.name=fedavg" / "seed-0" / "report.md").is_file()
+
+
+def test_epsilon_is_drawn_on_a_log_axis_when_it_spans_decades() -> None:
+    from fedllama.experiments import results
+
+    spread = [16.5, 534.9, 44111.8, math.inf]  # z = 1, 0.1, 0.01 and no DP
+    assert results._log_epsilon(spread) and results._infinity(spread) == 44111.8 * 8
+    assert not results._log_epsilon([2.0, 8.0, math.inf])
+    assert results._infinity([2.0, 8.0, math.inf]) == 8.0 * 1.25
+    plt = results._pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([16.5, 534.9, 44111.8], [0.57, 0.54, 0.58])
+    results._epsilon_axis(ax, spread)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    plt.close(fig)
+    assert ax.get_xscale() == "log" and labels[-1] == "∞\n(no DP)" and "100" in labels

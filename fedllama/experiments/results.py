@@ -414,17 +414,33 @@ def _series(stats: Sequence[PointStats]) -> dict[str, list[PointStats]]:
     return groups
 
 
+def _log_epsilon(epsilons: Sequence[float]) -> bool:
+    """ε drawn on a log axis: the finite values span two decades or more (a sweep of noise
+    multipliers gives ε from tens to tens of thousands)."""
+    finite = [e for e in epsilons if math.isfinite(e) and e > 0]
+    return len(finite) >= 2 and max(finite) >= 100 * min(finite)
+
+
 def _infinity(epsilons: Sequence[float]) -> float:
     """Where ε = ∞ (no DP) is drawn: right of the largest finite ε."""
     finite = [e for e in epsilons if math.isfinite(e)]
-    return max(finite) * 1.25 if finite and max(finite) > 0 else 1.0
+    if not finite or max(finite) <= 0:
+        return 1.0
+    return max(finite) * (8.0 if _log_epsilon(epsilons) else 1.25)
 
 
 def _epsilon_axis(ax: Any, epsilons: Sequence[float]) -> None:
-    """Label ε = ∞ (no DP) at the right edge when a point has no DP."""
+    """A log ε axis when ε spans decades; ε = ∞ (no DP) labelled at the right edge when a
+    point has no DP."""
     right = _infinity(epsilons)
+    if _log_epsilon(epsilons):
+        ax.set_xscale("log")
+        low = min(e for e in epsilons if math.isfinite(e) and e > 0)
+        ax.set_xlim(low / 2, right * 2)
     if any(not math.isfinite(e) for e in epsilons):
-        ticks = [t for t in ax.get_xticks() if 0 <= t < right * 0.9]
+        low_edge = ax.get_xlim()[0]
+        gap = 0.5 if _log_epsilon(epsilons) else 0.9  # no tick crowding the ∞ label
+        ticks = [t for t in ax.get_xticks() if max(0, low_edge) <= t < right * gap]
         ax.set_xticks([*ticks, right], [*(f"{t:g}" for t in ticks), "∞\n(no DP)"])
 
 
@@ -492,6 +508,9 @@ def plot_leakage_vs_epsilon(stats: Sequence[PointStats], path: Path) -> Path:
     left.axhline(0.5, color="grey", ls=":", label="chance")
     _against_epsilon(right, stats, "tpr_at_1pct_fpr", "TPR at 1 % FPR", marker="s")
     right.axhline(0.01, color="grey", ls=":", label="chance")
+    if all(s.mean_std("tpr_at_1pct_fpr") is None for s in stats):
+        note = "n/a at every point:\nTPR at 1 % FPR needs ≥ 100 non-members"
+        right.text(0.5, 0.5, note, ha="center", va="center", transform=right.transAxes)
     left.legend()
     fig.suptitle("membership inference against privacy" + _dp_caption(stats))
     return _save(plt, fig, path)
