@@ -359,3 +359,19 @@ def test_the_answer_only_loss_is_the_full_forwards_loss_on_every_family(
     cfg = _cfg(family_cache, tmp_path / "run", family_dirs[family], *overrides)
     peft_model, tok = model.get_lora_model(cfg)
     assert_answer_loss_is_the_full_loss(peft_model, int(tok.pad_token_id))
+
+
+def test_exact_rules_keep_llama4s_router_out_of_their_residual(
+    family_dirs: dict[str, Path], family_cache: Path, tmp_path: Path
+) -> None:
+    """FLoRA's residual adapter is built from ``lora.target_modules`` too: with ``all-linear``
+    on Llama 4 it must leave the router out, as the trainable adapter does (round 2 installs
+    it)."""
+    overrides = ("lora.target_modules=all-linear", "strategy.name=flora", "server.rounds=2")
+    cfg = _cfg(family_cache, tmp_path / "run", family_dirs["llama4"], *overrides)
+
+    rows = run(InProcessGrid(2), cfg)
+
+    assert [r["clients_ok"] for r in rows[1:]] == [2, 2]
+    assert math.isfinite(rows[2]["eval_loss"])
+    loads_in_peft(tmp_path / "run" / "round-002", family_dirs["llama4"])  # residual folded in

@@ -184,7 +184,11 @@ def set_residual(lora_model: Any, residual: dict[str, torch.Tensor], cfg: Config
         return
     rank = rank_of(residual)
     config = LoraConfig(
-        r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=cfg.lora.modules()
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=cfg.lora.modules(),
+        exclude_modules=cfg.lora.peft_kwargs().get("exclude_modules"),  # all-linear: no router
     )
     lora_model.add_adapter(RESIDUAL_ADAPTER, config)
     result = set_peft_model_state_dict(lora_model, residual, adapter_name=RESIDUAL_ADAPTER)
