@@ -235,6 +235,7 @@ def test_under_secure_aggregation_a_weight_nobody_declared_stops_the_release_and
 
     failed = [line for line in lines if "a client encoded a weight it did not declare" in line]
     assert len(failed) == 1 and "retrying" in failed[0]  # not released; the round is redone
+    assert "the summed clients' weights (examples) total" in failed[0]
     assert calls[0] == 6 and rows[-1]["clients_ok"] == 3 and "skipped" not in rows[-1]
 
 

@@ -346,10 +346,11 @@ class _SecureRound:
         for key in sorted(self.plan.merge.count_keys & set(summed)):
             total = float(summed[key].reshape(-1)[0])
             if abs(total - expected) > tolerance:
+                basis = "1 each" if self.plan.uniform or self.plan.release else "examples"
                 raise SecAggAbort(
-                    f"the unmasked sum's weight {key} is {total:g}, but the summed clients "
-                    f"declared {expected:g} in all: a client encoded a weight it did not "
-                    "declare; the sum is not released"
+                    f"the unmasked sum's weight {key} is {total:g}, but the summed clients' "
+                    f"weights ({basis}) total {expected:g}: a client encoded a weight it did "
+                    "not declare; the sum is not released"
                 )
 
     def check_sum_norm(self, summed: AdapterState) -> None:
