@@ -7,12 +7,12 @@ for the same rounds once per codec, in-process (the real ServerApp and ClientApp
 and downlink bytes per client per round, the uplink ratio to float32, the final eval loss and
 its change against float32. Part 2 times encode and decode of one SmolLM2-shaped rank-8 update.
 
-    .venv/bin/python bench/codecs.py [--rounds 3] [--codecs none,strip,fp16,int8,topk]
+    .venv/bin/python bench/codecs.py [--rounds 3] [--codecs none,strip,fp16,int8,ternary,topk]
         [--topk-fraction 0.05] [--out runs/bench-codecs] [overrides ...]
 
 Assumptions beside the numbers: eval loss is the global adapter's loss on the demo's 48-example
-global eval set after the last round; a codec with stochastic rounding (int8) is seeded per
-client and round, so each run is reproducible, but one run is one draw.
+global eval set after the last round; a codec with stochastic rounding (int8, ternary) is seeded
+per client and round, so each run is reproducible, but one run is one draw.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="simulations/configs/demo.yaml")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--codecs", default="none,strip,fp16,int8,topk")
+    parser.add_argument("--codecs", default="none,strip,fp16,int8,ternary,topk")
     parser.add_argument("--topk-fraction", type=float, default=0.05)
     parser.add_argument("--out", default="runs/bench-codecs")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. lora.r=16")

@@ -114,6 +114,43 @@ def test_int8_is_unbiased_and_within_one_step_of_each_value() -> None:
     assert record_bytes(record) < 0.33 * stripped  # a quarter, plus scales and headers
 
 
+def test_ternary_is_unbiased_takes_one_of_three_values_a_slot_and_packs_four_a_byte() -> None:
+    state = _state()
+    codec = codecs.build("ternary")
+    draws = [
+        _decode(codec, codec.encode(state, KEEP, torch.Generator().manual_seed(s)))
+        for s in range(400)
+    ]
+
+    for key, axis in ((A, 1), (B, 0), (M, 1)):  # one scale per rank slot (B: per column)
+        rows = state[key] if state[key].ndim == 2 else state[key].reshape(1, -1)
+        scale = rows.abs().amax(dim=axis, keepdim=True)
+        for one in draws[:5]:  # each value is -s, 0 or s of its slot
+            got = one[key].reshape(rows.shape)
+            assert bool(((got == 0) | ((got.abs() - scale).abs() <= 1e-6 * scale)).all()), key
+        mean = torch.stack([d[key] for d in draws]).mean(0).reshape(rows.shape)
+        # 400 unbiased draws of a value with standard deviation <= s: within 5 standard errors
+        assert bool(((mean - rows).abs() <= 5 * scale / math.sqrt(400) + 1e-7).all()), key
+    record = codec.encode(state, KEEP)
+    assert record[A].dtype == "uint8" and record[A].shape == (RANK, IN // 4)
+    assert record[B].shape == (RANK, OUT // 4), "B packed by rank slot, along its outputs"
+    assert record[M].shape == (1, OUT // 4) and record[COUNT].dtype == "float32"
+    int8 = record_bytes(codecs.build("int8").encode(state, KEEP))
+    assert record_bytes(record) < 0.5 * int8  # a quarter of int8's values; the same headers
+
+
+def test_ternary_pads_a_slot_that_is_not_a_multiple_of_four_and_keeps_zero_slots() -> None:
+    odd = {A: torch.tensor([[0.5, -1.0, 0.0, 0.25, 1.0], [0.0] * 5]), COUNT: torch.ones(1)}
+    codec = codecs.build("ternary")
+
+    record = codec.encode(odd, KEEP)
+    back = codec.decode(dict(record.items()), {A: (2, 5), COUNT: (1,)}, KEEP)
+
+    assert record[A].shape == (1, 2), "the zero slot is stripped, five values in two bytes"
+    assert back[A].shape == (2, 5) and not back[A][1].any()
+    assert set(np.abs(back[A][0]).tolist()) <= {0.0, 1.0} and back[A][0][1] == -1.0
+
+
 def test_topk_sends_the_largest_entries_and_error_feedback_owes_the_rest(tmp_path: Path) -> None:
     codec = codecs.TopkCodec(fraction=0.1)
     memory = tmp_path / "state" / "client-3-topk-feedback.safetensors"
@@ -181,6 +218,12 @@ BAD = [
     ("int8", lambda a: a.pop(B + codecs.SCALE), f"missing key {B}{codecs.SCALE}"),
     ("int8", _set(A, np.full((RANK, IN), -128, np.int8)), "-128 is outside"),
     ("int8", _set(A + codecs.INDEX, np.zeros(1, np.int32)), "unexpected key"),
+    ("ternary", _set(A, np.full((RANK, IN // 4), 0xFF, np.uint8)), "code 3 is outside"),
+    ("ternary", _set(A, np.ones((RANK, IN // 4 + 1), np.uint8)), "cannot make"),
+    ("ternary", _set(A, np.ones((R + 1, IN // 4), np.uint8)), "cannot make"),
+    ("ternary", _set(A, np.ones((RANK, IN), np.int8)), "dtype int8, expected uint8"),
+    ("ternary", _set(B + codecs.SCALE, np.ones(RANK + 1, np.float32)), "scales for"),
+    ("ternary", _set(A + codecs.SCALE, np.full(RANK, np.inf, np.float32)), "must be finite"),
     ("topk", _set(A + codecs.INDEX, np.full(K, R * IN, np.int32)), f"outside 0..{R * IN - 1}"),
     ("topk", _set(A + codecs.INDEX, np.arange(K, dtype=np.int32)[::-1].copy()), "increasing"),
     ("topk", _set(A + codecs.INDEX, np.zeros(K, np.int32)), "increasing"),
@@ -258,6 +301,22 @@ def test_a_round_with_int8_sends_fewer_bytes_and_drops_a_corrupt_reply_by_name(
     assert any("(client 1)" in w and "scales must be finite" in w for w in warnings)
     # the tiny model's factors are small (64 x rank): each array's 128-byte header weighs
     assert coded[1]["bytes_up"] / 2 < 0.8 * stripped[1]["bytes_up"] / 3
+
+
+def test_a_round_with_ternary_mixed_ranks_merges_and_sends_fewer_bytes_than_int8(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    rows = {
+        name: _run(
+            InProcessGrid(3), tiny_config(cache_dir, tmp_path / name, *MIXED, f"wire.codec={name}")
+        )
+        for name in ("int8", "ternary")
+    }
+
+    int8, ternary = rows["int8"][1], rows["ternary"][1]
+    assert ternary["clients_ok"] == 3 and math.isfinite(ternary["eval_loss"])
+    assert ternary["eval_loss"] != rows["ternary"][0]["eval_loss"], "the merged update moved it"
+    assert ternary["bytes_up"] < int8["bytes_up"]
 
 
 def test_a_float16_view_stays_float32_where_it_would_overflow() -> None:

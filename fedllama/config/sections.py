@@ -570,7 +570,7 @@ class OutputConfig:
     """Write each round's scalars to ``<dir>/tensorboard`` (needs ``fedllama[tensorboard]``)."""
 
 
-WIRE_CODECS = ("none", "strip", "fp16", "int8", "topk")
+WIRE_CODECS = ("none", "strip", "fp16", "int8", "ternary", "topk")
 WIRE_DOWNLINKS = ("none", "fp16")
 LOSSLESS_CODECS = ("none", "strip")
 
@@ -581,7 +581,7 @@ class WireConfig:
 
     codec: str = "none"
     """``none`` (float32 at the global rank), ``strip`` (float32 at the client's own rank),
-    ``fp16``, ``int8`` (both stripped first) or ``topk`` (with error feedback)."""
+    ``fp16``, ``int8``, ``ternary`` (all stripped first) or ``topk`` (with error feedback)."""
     topk_fraction: float = 0.05
     """``topk``: the share of each tensor's entries sent (the largest magnitudes)."""
     downlink: str = "none"

@@ -10,6 +10,10 @@ each LoRA factor travels as:
   float32).
 - ``int8``: strip, then int8 with one float32 scale per row (absmax / 127) and stochastic
   rounding, so that the decoded value is unbiased (Alistarh et al., "QSGD", NeurIPS 2017).
+- ``ternary``: strip, then each rank slot as s·q, q in {-1, 0, 1} (two bits, four values a
+  byte), s the slot's absmax, q drawn so that the decoded value is unbiased (TernGrad: Wen et
+  al., "TernGrad: Ternary Gradients to Reduce Communication in Distributed Deep Learning",
+  NeurIPS 2017).
 - ``topk``: the ``wire.topk_fraction`` largest magnitudes of each tensor as (int32 flat index,
   float16 value); what is left out is kept by the client and added to its next update: error
   feedback (Stich, Cordonnier & Jaggi, "Sparsified SGD with Memory", NeurIPS 2018;
@@ -289,6 +293,74 @@ class Int8Codec(Codec):
         return value.reshape(shape) if flat else unstrip(key, value, shape)
 
 
+def _slots(key: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (stripped) as rows that each get one scale: A's rank slots as they are, B's
+    transposed (a slot is a column), any other matrix by row, a vector or a single column as
+    one row."""
+    if is_b(key):
+        return value.t()
+    if value.ndim == 2 and value.shape[1] > 1:
+        return value
+    return value.reshape(1, -1)
+
+
+def _unslots(key: str, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of :func:`_slots` into ``shape`` (rank slots padded back)."""
+    if is_b(key):
+        return unstrip(key, np.ascontiguousarray(rows.T), shape)
+    if len(shape) == 2 and shape[1] > 1:
+        return unstrip(key, rows, shape)
+    return rows.reshape(shape)
+
+
+class TernaryCodec(Codec):
+    """Strip, then each rank slot (a row of A, a column of B; a row of any other matrix, all of
+    a vector) as s·q with q in {-1, 0, 1}: s = the slot's absmax, q = +-1 with probability
+    |x|/s, so E[s q] = x (TernGrad: Wen et al., NeurIPS 2017). Four values per byte (q + 1 in
+    two bits), one float32 scale per slot."""
+
+    name = "ternary"
+    lossless = False
+    suffixes = (SCALE,)
+
+    def encode_key(
+        self, key: str, value: torch.Tensor, generator: torch.Generator | None
+    ) -> dict[str, np.ndarray]:
+        rows = _slots(key, strip(key, value))
+        scale = rows.abs().amax(dim=1)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
+        keep = torch.rand(rows.shape, generator=generator) < rows.abs() / safe
+        codes = (torch.sign(rows) * keep + 1).to(torch.uint8).numpy()  # 0, 1, 2
+        width = -(-codes.shape[1] // 4)
+        padded = np.ones((codes.shape[0], width * 4), dtype=np.uint8)  # pad with code 1 (zero)
+        padded[:, : codes.shape[1]] = codes
+        quads = padded.reshape(codes.shape[0], width, 4)
+        packed = quads[..., 0] | quads[..., 1] << 2 | quads[..., 2] << 4 | quads[..., 3] << 6
+        return {key: packed.astype(np.uint8), key + SCALE: scale.contiguous().numpy()}
+
+    def decode_key(
+        self, key: str, record: Mapping[str, Array], shape: tuple[int, ...]
+    ) -> np.ndarray:
+        packed = _array(record, key, ("uint8",))
+        scale = _array(record, key + SCALE, ("float32",))
+        full = _slots(key, torch.zeros(shape)).shape
+        slots = packed.shape[0] if packed.ndim == 2 else -1
+        if packed.ndim != 2 or packed.shape[1] != -(-full[1] // 4) or not 1 <= slots <= full[0]:
+            raise ReplyError(
+                f"{key}: packed ternary values of shape {packed.shape} cannot make {shape}"
+            )
+        if scale.shape != (slots,):
+            raise ReplyError(f"{key}{SCALE}: {scale.shape} scales for {slots} slots")
+        if not (np.isfinite(scale).all() and (scale >= 0).all()):
+            raise ReplyError(f"{key}{SCALE}: scales must be finite and >= 0")
+        codes = np.stack([(packed >> shift) & 3 for shift in (0, 2, 4, 6)], axis=-1)
+        codes = codes.reshape(slots, -1)[:, : full[1]]
+        if (codes == 3).any():
+            raise ReplyError(f"{key}: code 3 is outside the ternary codec's {{0, 1, 2}}")
+        rows = (codes.astype(np.float32) - 1.0) * scale[:, None]
+        return _unslots(key, rows, shape)
+
+
 @dataclass
 class TopkCodec(Codec):
     """The ``fraction`` largest magnitudes of each tensor: int32 flat indices (increasing) and
@@ -335,7 +407,7 @@ class TopkCodec(Codec):
 
 
 CODECS: dict[str, type[Codec]] = {
-    c.name: c for c in (Codec, StripCodec, Fp16Codec, Int8Codec, TopkCodec)
+    c.name: c for c in (Codec, StripCodec, Fp16Codec, Int8Codec, TernaryCodec, TopkCodec)
 }
 """``wire.codec`` -> its codec class."""
 
